@@ -1,0 +1,60 @@
+// The one pybind11 module: thin wrappers, no logic (DESIGN.md principle 1).
+#include <pybind11/pybind11.h>
+
+#include "common/cpu_isa.h"
+#include "optim/optim.h"
+#ifdef DANLU_WITH_CUDA
+#include "common/cuda_runtime.h"
+#endif
+
+namespace py = pybind11;
+using danlu::StepArgs;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "danlu native kernels: raw pointers in, no libtorch";
+
+  m.def("cpu_isa", [] { return danlu::cpu_isa_name(danlu::cpu_isa()); });
+  m.def("set_cpu_isa", &danlu::set_cpu_isa, py::arg("name"));
+
+#ifdef DANLU_WITH_CUDA
+  m.attr("built_with_cuda") = true;
+  m.def("cuda_device_count", &danlu::cuda_device_count);
+#else
+  m.attr("built_with_cuda") = false;
+  m.def("cuda_device_count", [] { return 0; });
+#endif
+
+  py::class_<StepArgs>(m, "StepArgs")
+      .def(py::init<>())
+      .def_readwrite("kind", &StepArgs::kind)
+      .def_readwrite("dtype", &StepArgs::dtype)
+      .def_readwrite("lr", &StepArgs::lr)
+      .def_readwrite("beta1", &StepArgs::beta1)
+      .def_readwrite("beta2", &StepArgs::beta2)
+      .def_readwrite("eps", &StepArgs::eps)
+      .def_readwrite("weight_decay", &StepArgs::weight_decay)
+      .def_readwrite("momentum", &StepArgs::momentum)
+      .def_readwrite("dampening", &StepArgs::dampening)
+      .def_readwrite("alpha", &StepArgs::alpha)
+      .def_readwrite("lr_decay", &StepArgs::lr_decay)
+      .def_readwrite("maximize", &StepArgs::maximize)
+      .def_readwrite("decoupled_weight_decay", &StepArgs::decoupled_weight_decay)
+      .def_readwrite("amsgrad", &StepArgs::amsgrad)
+      .def_readwrite("nesterov", &StepArgs::nesterov)
+      .def_readwrite("centered", &StepArgs::centered)
+      .def_readwrite("table", &StepArgs::table)
+      .def_readwrite("num_tensors", &StepArgs::num_tensors)
+      .def_readwrite("total", &StepArgs::total)
+      .def_readwrite("lr_ptr", &StepArgs::lr_ptr)
+      .def_readwrite("lr_is_double", &StepArgs::lr_is_double)
+      .def_readwrite("grad_scale_ptr", &StepArgs::grad_scale_ptr)
+      .def_readwrite("found_inf_ptr", &StepArgs::found_inf_ptr);
+
+  // The GIL is released: a step on large tensors should not stall other Python threads.
+  m.def("optim_step_cpu", &danlu::optim_step_cpu, py::arg("args"), py::arg("num_threads"),
+        py::call_guard<py::gil_scoped_release>());
+#ifdef DANLU_WITH_CUDA
+  m.def("optim_step_cuda", &danlu::optim_step_cuda, py::arg("args"), py::arg("device"), py::arg("stream"),
+        py::arg("step_counter"), py::call_guard<py::gil_scoped_release>());
+#endif
+}

@@ -1,0 +1,17 @@
+#include "common/check.h"
+#include "common/cpu_isa.h"
+#include "optim/optim.h"
+
+namespace danlu {
+
+void optim_step_cpu(const StepArgs& args, int num_threads) {
+  DANLU_CHECK(args.num_tensors == 0 || args.table != 0, "optimizer step: null tensor table");
+  DANLU_CHECK(args.num_tensors >= 0 && args.total >= 0, "optimizer step: negative sizes");
+  switch (cpu_isa()) {
+    case CpuIsa::Avx512: return avx512::optim_step_cpu(args, num_threads);
+    case CpuIsa::Avx2: return avx2::optim_step_cpu(args, num_threads);
+    case CpuIsa::Generic: return generic::optim_step_cpu(args, num_threads);
+  }
+}
+
+}  // namespace danlu
