@@ -25,11 +25,12 @@ constexpr int kMaxStates = 3;
 enum TensorFlag : int64_t { kFirstStep = 1 };
 
 struct TensorTable {
-  const int64_t* rows;  // [kNumRows, n]
+  int64_t* rows;  // [kNumRows, n]; the step kernels clear kFirstStep flags once they have run
   int64_t n;            // number of tensors
   int64_t total;        // length of the virtual index space
 
   DANLU_HD int64_t at(int row, int64_t t) const { return rows[row * n + t]; }
+  DANLU_HD int64_t& at(int row, int64_t t) { return rows[row * n + t]; }
   template <typename T> DANLU_HD T* ptr(int row, int64_t t) const {
     return reinterpret_cast<T*>(static_cast<uintptr_t>(at(row, t)));
   }

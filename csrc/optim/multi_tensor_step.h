@@ -40,6 +40,12 @@ DANLU_UNROLL
     if (uses_state<Rule>(k)) store_from(x.state[k] + i, s[k]);
 }
 
+// After a step that ran (not skipped for an inf): count it and retire first-step flags.
+DANLU_HD void finish_tensor_step(TensorTable& tab, int64_t t, bool counts_steps) {
+  if (counts_steps) *tab.ptr<float>(kStepRow, t) += 1.0f;
+  tab.at(kFlagsRow, t) &= ~int64_t(kFirstStep);
+}
+
 // The step count a tensor's update uses: its stored float32 step plus one, as torch's `step_t += 1`.
 DANLU_HD double next_step(const TensorTable& tab, int64_t t) {
   return double(*tab.ptr<float>(kStepRow, t) + 1.0f);

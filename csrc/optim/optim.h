@@ -17,7 +17,7 @@ DANLU_DECLARE_CPU_ISA(avx512)
 
 #ifdef DANLU_WITH_CUDA
 // One kernel launch on `stream` of `device`. `step_counter` is a zeroed uint32 in device memory that the
-// kernel's last block uses to increment the step tensors once, and leaves zeroed again.
+// kernel's last block uses to update steps and flags once, and leaves zeroed again.
 void optim_step_cuda(const StepArgs& args, int device, uintptr_t stream, uintptr_t step_counter);
 #endif
 

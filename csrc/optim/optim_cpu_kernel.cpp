@@ -47,7 +47,7 @@ double read_lr(const StepArgs& a) {
 void optim_step_cpu(const StepArgs& a, int num_threads) {
   // GradScaler found an inf or NaN: the whole step is skipped, steps included.
   if (a.found_inf_ptr && *reinterpret_cast<const float*>(a.found_inf_ptr) != 0.0f) return;
-  const TensorTable tab{reinterpret_cast<const int64_t*>(a.table), a.num_tensors, a.total};
+  TensorTable tab{reinterpret_cast<int64_t*>(a.table), a.num_tensors, a.total};
   const double lr = read_lr(a);
   dispatch_dtype(a.dtype, [&](auto tag) {
     using T = typename decltype(tag)::type;
@@ -56,17 +56,14 @@ void optim_step_cpu(const StepArgs& a, int num_threads) {
       using Rule = std::decay_t<decltype(rule)>;
       std::vector<typename Rule::Coeffs> coeffs(size_t(tab.n));
       for (int64_t t = 0; t < tab.n; ++t) {
-        double step = 0;
-        if constexpr (Rule::kCountsSteps) {
-          step = next_step(tab, t);
-          *tab.ptr<float>(kStepRow, t) = float(step);
-        }
+        const double step = Rule::kCountsSteps ? next_step(tab, t) : 0.0;
         coeffs[size_t(t)] = rule.coeffs(step, lr, tab.at(kFlagsRow, t));
       }
       if (a.grad_scale_ptr)
         run<Rule, T, true>(tab, rule, coeffs, M(*reinterpret_cast<const float*>(a.grad_scale_ptr)), num_threads);
       else
         run<Rule, T, false>(tab, rule, coeffs, M(1), num_threads);
+      for (int64_t t = 0; t < tab.n; ++t) finish_tensor_step(tab, t, Rule::kCountsSteps);
     });
   });
 }

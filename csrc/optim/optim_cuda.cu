@@ -83,8 +83,7 @@ __global__ void __launch_bounds__(kThreads)
     const typename Rule::Coeffs c = rule.coeffs(step, lr, tab.at(kFlagsRow, t));
     update_segment<Rule, T, kUnscale>(tensor_ptrs<Rule, T>(tab, t), lo, hi, rule, c, grad_scale);
   });
-  if (!Rule::kCountsSteps) return;
-  // Steps are read by every block above; the last block to finish increments them once.
+  // Steps and flags are read by every block above; the last block to finish updates them once.
   __shared__ bool is_last_block;
   __syncthreads();
   if (threadIdx.x == 0) {
@@ -94,7 +93,7 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();
   if (!is_last_block) return;
   __threadfence();
-  for (int64_t t = threadIdx.x; t < tab.n; t += kThreads) *tab.ptr<float>(kStepRow, t) += 1.0f;
+  for (int64_t t = threadIdx.x; t < tab.n; t += kThreads) finish_tensor_step(tab, t, Rule::kCountsSteps);
   if (threadIdx.x == 0) *ds.step_counter = 0;
 }
 
@@ -104,7 +103,7 @@ void optim_step_cuda(const StepArgs& a, int device, uintptr_t stream, uintptr_t 
   DANLU_CHECK(a.num_tensors == 0 || a.table != 0, "optimizer step: null tensor table");
   DANLU_CHECK(step_counter != 0, "optimizer step: null step counter");
   DeviceGuard guard(device);
-  const TensorTable tab{reinterpret_cast<const int64_t*>(a.table), a.num_tensors, a.total};
+  const TensorTable tab{reinterpret_cast<int64_t*>(a.table), a.num_tensors, a.total};
   const DeviceScalars ds{a.lr, reinterpret_cast<const void*>(a.lr_ptr), a.lr_is_double,
                          reinterpret_cast<const float*>(a.grad_scale_ptr),
                          reinterpret_cast<const float*>(a.found_inf_ptr),

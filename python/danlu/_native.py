@@ -1,0 +1,38 @@
+"""What the Python side needs to know about danlu._C: dtype codes and tensor checks done before a
+pointer crosses the boundary (DESIGN.md principle 1)."""
+
+import torch
+
+from danlu import _C
+
+# Codes of csrc/common/dtype.h.
+DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+# Complex tensors are updated through their real view, as torch's optimizers do.
+REAL_OF_COMPLEX = {torch.complex64: torch.float32, torch.complex128: torch.float64}
+
+
+def is_dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense: the elements fill one block of memory in some order of dimensions."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for stride, size in sorted((s, n) for s, n in zip(t.stride(), t.shape) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same shape and the same strides over the dimensions that have more than one element."""
+    if a.shape != b.shape:
+        return False
+    return all(sa == sb for sa, sb, n in zip(a.stride(), b.stride(), a.shape) if n != 1)
+
+
+def check_cuda_built(device: torch.device) -> None:
+    if device.type == "cuda" and not _C.built_with_cuda:
+        raise RuntimeError(
+            "danlu was built without CUDA kernels (no nvcc at build time, or DANLU_CUDA=OFF); "
+            f"cannot run on {device}. Reinstall danlu on a machine with the CUDA toolkit."
+        )

@@ -1,0 +1,34 @@
+import torch
+
+from danlu.optim._base import FusedOptimizer
+from danlu.optim.adam import _new_step
+
+_ADAGRAD = 3  # OptimKind::Adagrad
+
+
+class Adagrad(FusedOptimizer, torch.optim.Adagrad):
+    """torch.optim.Adagrad with lr_decay, weight decay, initial accumulator and maximize, fused (dense
+    grads only: sparse grads raise)."""
+
+    _kind = _ADAGRAD
+
+    def __init__(self, params, lr=1e-2, lr_decay=0, weight_decay=0, initial_accumulator_value=0, eps=1e-10,
+                 foreach=None, *, maximize=False, differentiable=False, fused=None):
+        self._reject_differentiable(differentiable)
+        torch.optim.Adagrad.__init__(self, params, lr, lr_decay, weight_decay, initial_accumulator_value, eps,
+                                     foreach, maximize=maximize, fused=fused)
+
+    def _state_names(self, group):
+        return ("sum", None, None)
+
+    def _init_state(self, p, group):
+        # torch's Adagrad fills this in its constructor; params added later get it here.
+        value = group["initial_accumulator_value"]
+        state = self.state[p]
+        state["step"] = _new_step(p)
+        state["sum"] = torch.full_like(p, complex(value, value) if p.is_complex() else value,
+                                       memory_format=torch.preserve_format)
+
+    def _hyper(self, group):
+        return {"lr_decay": float(group["lr_decay"]), "weight_decay": float(group["weight_decay"]),
+                "eps": float(group["eps"]), "maximize": bool(group["maximize"])}

@@ -1,0 +1,61 @@
+import torch
+
+from danlu.optim._base import FusedOptimizer
+
+_ADAM = 0  # OptimKind::Adam
+
+
+def _zeros(p):
+    return torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def _new_step(p):
+    # float32 on the param's device, as torch's fused optimizers keep it: the kernel reads and counts it.
+    return torch.zeros((), dtype=torch.float32, device=p.device)
+
+
+class Adam(FusedOptimizer, torch.optim.Adam):
+    """torch.optim.Adam with every option, as one fused kernel per param group, device and dtype."""
+
+    _kind = _ADAM
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *,
+                 foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
+                 decoupled_weight_decay=False):
+        self._reject_differentiable(differentiable)
+        extra = {"decoupled_weight_decay": True} if decoupled_weight_decay else {}
+        torch.optim.Adam.__init__(self, params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
+                                  maximize=maximize, capturable=capturable, fused=fused, **extra)
+
+    def _decoupled(self, group):
+        return bool(group.get("decoupled_weight_decay", False))
+
+    def _state_names(self, group):
+        return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq" if group["amsgrad"] else None)
+
+    def _init_state(self, p, group):
+        state = self.state[p]
+        state["step"] = _new_step(p)
+        state["exp_avg"] = _zeros(p)
+        state["exp_avg_sq"] = _zeros(p)
+        if group["amsgrad"]:
+            state["max_exp_avg_sq"] = _zeros(p)
+
+    def _hyper(self, group):
+        beta1, beta2 = group["betas"]
+        return {"beta1": float(beta1), "beta2": float(beta2), "eps": float(group["eps"]),
+                "weight_decay": float(group["weight_decay"]), "amsgrad": bool(group["amsgrad"]),
+                "maximize": bool(group["maximize"]), "decoupled_weight_decay": self._decoupled(group)}
+
+
+class AdamW(Adam, torch.optim.AdamW):
+    """torch.optim.AdamW (decoupled weight decay), fused."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
+                 maximize=False, foreach=None, capturable=False, differentiable=False, fused=None):
+        self._reject_differentiable(differentiable)
+        torch.optim.AdamW.__init__(self, params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
+                                   foreach=foreach, capturable=capturable, fused=fused)
+
+    def _decoupled(self, group):
+        return True

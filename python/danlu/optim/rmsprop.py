@@ -1,0 +1,35 @@
+import torch
+
+from danlu.optim._base import FusedOptimizer
+from danlu.optim.adam import _new_step, _zeros
+
+_RMSPROP = 2  # OptimKind::Rmsprop
+
+
+class RMSprop(FusedOptimizer, torch.optim.RMSprop):
+    """torch.optim.RMSprop with momentum, centered, weight decay and maximize, fused (torch has no
+    fused RMSprop)."""
+
+    _kind = _RMSPROP
+
+    def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0, centered=False,
+                 capturable=False, foreach=None, maximize=False, differentiable=False):
+        self._reject_differentiable(differentiable)
+        torch.optim.RMSprop.__init__(self, params, lr, alpha, eps, weight_decay, momentum, centered,
+                                     capturable=capturable, foreach=foreach, maximize=maximize)
+
+    def _state_names(self, group):
+        return ("square_avg", "momentum_buffer" if group["momentum"] > 0 else None,
+                "grad_avg" if group["centered"] else None)
+
+    def _init_state(self, p, group):
+        state = self.state[p]
+        state.setdefault("step", _new_step(p))
+        for name in self._state_names(group):
+            if name is not None and state.get(name) is None:
+                state[name] = _zeros(p)
+
+    def _hyper(self, group):
+        return {"alpha": float(group["alpha"]), "eps": float(group["eps"]),
+                "weight_decay": float(group["weight_decay"]), "momentum": float(group["momentum"]),
+                "centered": bool(group["centered"]), "maximize": bool(group["maximize"])}
