@@ -17,6 +17,15 @@ constexpr int64_t kMinElemsPerThread = 1 << 15;
 // Threads' ranges start on 64-element boundaries so no two threads share a cache line.
 constexpr int64_t kSplitAlign = 64;
 
+// Everything by value and not inlined into the parallel region: GCC then knows that no store through
+// the tensor pointers can change the pointers or the hyper-parameters, and vectorises the loop.
+template <class Rule, typename T, bool kUnscale>
+__attribute__((noinline)) void update_range(TensorPtrs<T> x, int64_t lo, int64_t hi, Rule rule, typename Rule::Coeffs c,
+                  math_t<T> grad_scale) {
+#pragma omp simd
+  for (int64_t i = lo; i < hi; ++i) update_element<Rule, T, kUnscale>(x, i, rule, c, grad_scale);
+}
+
 template <class Rule, typename T, bool kUnscale>
 void run(const TensorTable& tab, const Rule& rule, const std::vector<typename Rule::Coeffs>& coeffs,
          math_t<T> grad_scale, int num_threads) {
@@ -29,10 +38,7 @@ void run(const TensorTable& tab, const Rule& rule, const std::vector<typename Ru
     const int64_t chunk = (share + kSplitAlign - 1) / kSplitAlign * kSplitAlign;
     const int64_t begin = std::min(tab.total, tid * chunk), end = std::min(tab.total, begin + chunk);
     tab.for_each_segment(begin, end, [&](int64_t t, int64_t lo, int64_t hi) {
-      const TensorPtrs<T> x = tensor_ptrs<Rule, T>(tab, t);
-      const typename Rule::Coeffs c = coeffs[t];
-#pragma omp simd
-      for (int64_t i = lo; i < hi; ++i) update_element<Rule, T, kUnscale>(x, i, rule, c, grad_scale);
+      update_range<Rule, T, kUnscale>(tensor_ptrs<Rule, T>(tab, t), lo, hi, rule, coeffs[size_t(t)], grad_scale);
     });
   }
 }

@@ -30,21 +30,38 @@ struct StepArgs {
   uintptr_t grad_scale_ptr = 0, found_inf_ptr = 0;  // float32 0-d tensors from GradScaler, or 0
 };
 
-// torch's lerp: self + w * (end - self) for |w| < 0.5, else end - (end - self) * (1 - w).
-template <typename M> DANLU_HD M lerp(M self, M end, M weight) {
-  M small = self + weight * (end - self);
-  M large = end - (end - self) * (M(1) - weight);
-  return (weight < M(0.5) && weight > M(-0.5)) ? small : large;
-}
-// torch.maximum: NaN in either argument propagates.
+// A uniform on/off option held in the math type: `maximize(-g, g)` is -g when it is on. GCC
+// vectorises a select on a float comparison but not one on a scalar bool among 16-bit loads.
+template <typename M> struct Option {
+  M on;
+  DANLU_HD explicit Option(bool enabled = false) : on(enabled ? M(1) : M(0)) {}
+  DANLU_HD M operator()(M if_on, M if_off) const { return on != M(0) ? if_on : if_off; }
+};
+
+// torch's lerp with a uniform weight: self + w * (end - self) for |w| < 0.5, else
+// end - (end - self) * (1 - w). The formula is picked once, not per element.
+template <typename M> struct Lerp {
+  M weight;
+  Option<M> small_weight;
+  DANLU_HD explicit Lerp(double w = 0) : weight(M(w)), small_weight(M(w) < M(0.5) && M(w) > M(-0.5)) {}
+  DANLU_HD M operator()(M self, M end) const {
+    return small_weight(self + weight * (end - self), end - (end - self) * (M(1) - weight));
+  }
+};
+
+// sqrt in the math type itself: an unqualified sqrt(float) would pick ::sqrt(double).
+DANLU_HD float sqrt_m(float x) { return sqrtf(x); }
+DANLU_HD double sqrt_m(double x) { return sqrt(x); }
+
 // Whether state slot k of the table is used by Rule.
 template <class Rule> DANLU_HD constexpr bool uses_state(int k) { return (Rule::kStateMask >> k) & 1u; }
 
-template <typename M> DANLU_HD M nan_max(M a, M b) { return (a != a || a > b) ? a : b; }
+// torch.maximum: NaN in either argument propagates.
+template <typename M> DANLU_HD M nan_max(M a, M b) { return ((a != a) | (a > b)) ? a : b; }
 
 // grad after maximize and (coupled) L2 weight decay, as every torch optimizer starts.
-template <typename M> DANLU_HD M decayed_grad(M g, M p, bool maximize, M weight_decay) {
-  g = maximize ? -g : g;
+template <typename M> DANLU_HD M decayed_grad(M g, M p, Option<M> maximize, M weight_decay) {
+  g = maximize(-g, g);
   return weight_decay != M(0) ? g + weight_decay * p : g;
 }
 
@@ -52,12 +69,13 @@ template <typename M, bool kAmsgrad> struct AdamRule {
   static constexpr unsigned kStateMask = kAmsgrad ? 0b111 : 0b011;  // exp_avg, exp_avg_sq, max_exp_avg_sq
   static constexpr bool kCountsSteps = true;
   double beta1_, beta2_, weight_decay_;
-  M one_minus_beta1, beta2, one_minus_beta2, eps, l2_decay;
-  bool maximize, decoupled;
+  Lerp<M> towards_grad;  // exp_avg.lerp_(grad, 1 - beta1)
+  M beta2, one_minus_beta2, eps, l2_decay;
+  Option<M> maximize, decoupled;
 
   explicit AdamRule(const StepArgs& a)
       : beta1_(a.beta1), beta2_(a.beta2), weight_decay_(a.weight_decay),
-        one_minus_beta1(M(1 - a.beta1)), beta2(M(a.beta2)), one_minus_beta2(M(1 - a.beta2)),
+        towards_grad(1 - a.beta1), beta2(M(a.beta2)), one_minus_beta2(M(1 - a.beta2)),
         eps(M(a.eps)), l2_decay(M(a.decoupled_weight_decay ? 0.0 : a.weight_decay)),
         maximize(a.maximize), decoupled(a.decoupled_weight_decay && a.weight_decay != 0) {}
 
@@ -69,13 +87,13 @@ template <typename M, bool kAmsgrad> struct AdamRule {
     return {M(lr / bias_correction1), M(sqrt(bias_correction2)), M(1 - lr * weight_decay_)};
   }
   DANLU_HD void apply(M& p, M g, M (&s)[kMaxStates], const Coeffs& c) const {
-    p = decoupled ? p * c.param_decay : p;
+    p = decoupled(p * c.param_decay, p);
     g = decayed_grad(g, p, maximize, l2_decay);
-    s[0] = lerp(s[0], g, one_minus_beta1);
+    s[0] = towards_grad(s[0], g);
     s[1] = s[1] * beta2 + one_minus_beta2 * g * g;
     M second = s[1];
     if constexpr (kAmsgrad) second = s[2] = nan_max(s[2], s[1]);
-    M denom = sqrt(second) / c.bias_correction2_sqrt + eps;
+    M denom = sqrt_m(second) / c.bias_correction2_sqrt + eps;
     p = p + -c.step_size * s[0] / denom;
   }
 };
@@ -84,22 +102,22 @@ template <typename M, bool kMomentum> struct SgdRule {
   static constexpr unsigned kStateMask = kMomentum ? 0b001 : 0;  // momentum_buffer
   static constexpr bool kCountsSteps = false;
   M weight_decay, momentum, one_minus_dampening;
-  bool maximize, nesterov;
+  Option<M> maximize, nesterov;
 
   explicit SgdRule(const StepArgs& a)
       : weight_decay(M(a.weight_decay)), momentum(M(a.momentum)),
         one_minus_dampening(M(1 - a.dampening)), maximize(a.maximize), nesterov(a.nesterov) {}
 
-  struct Coeffs { M lr; bool first_step; };
+  struct Coeffs { M lr; Option<M> first_step; };
   DANLU_HD Coeffs coeffs(double /*step*/, double lr, int64_t flags) const {
-    return {M(lr), (flags & kFirstStep) != 0};
+    return {M(lr), Option<M>((flags & kFirstStep) != 0)};
   }
   DANLU_HD void apply(M& p, M g, M (&s)[kMaxStates], const Coeffs& c) const {
     g = decayed_grad(g, p, maximize, weight_decay);
     if constexpr (kMomentum) {
       // The first step's buffer is a copy of the grad; the select ignores the uninitialised memory.
-      s[0] = c.first_step ? g : s[0] * momentum + one_minus_dampening * g;
-      g = nesterov ? g + momentum * s[0] : s[0];
+      s[0] = c.first_step(g, s[0] * momentum + one_minus_dampening * g);
+      g = nesterov(g + momentum * s[0], s[0]);
     }
     p = p + -c.lr * g;
   }
@@ -109,11 +127,12 @@ template <typename M, bool kMomentum, bool kCentered> struct RmspropRule {
   static constexpr unsigned kStateMask = 0b001 | (kMomentum ? 0b010 : 0) | (kCentered ? 0b100 : 0);  // square_avg, momentum_buffer, grad_avg
   static constexpr bool kCountsSteps = true;
   M weight_decay, alpha, one_minus_alpha, eps, momentum;
-  bool maximize;
+  Lerp<M> towards_grad;  // grad_avg.lerp_(grad, 1 - alpha)
+  Option<M> maximize;
 
   explicit RmspropRule(const StepArgs& a)
       : weight_decay(M(a.weight_decay)), alpha(M(a.alpha)), one_minus_alpha(M(1 - a.alpha)),
-        eps(M(a.eps)), momentum(M(a.momentum)), maximize(a.maximize) {}
+        eps(M(a.eps)), momentum(M(a.momentum)), towards_grad(1 - a.alpha), maximize(a.maximize) {}
 
   struct Coeffs { M lr; };
   DANLU_HD Coeffs coeffs(double /*step*/, double lr, int64_t /*flags*/) const { return {M(lr)}; }
@@ -122,10 +141,10 @@ template <typename M, bool kMomentum, bool kCentered> struct RmspropRule {
     s[0] = s[0] * alpha + one_minus_alpha * g * g;
     M avg;
     if constexpr (kCentered) {
-      s[2] = lerp(s[2], g, one_minus_alpha);
-      avg = sqrt(s[0] + M(-1) * s[2] * s[2]);
+      s[2] = towards_grad(s[2], g);
+      avg = sqrt_m(s[0] + M(-1) * s[2] * s[2]);
     } else {
-      avg = sqrt(s[0]);
+      avg = sqrt_m(s[0]);
     }
     avg = avg + eps;
     if constexpr (kMomentum) {
@@ -142,7 +161,7 @@ template <typename M> struct AdagradRule {
   static constexpr bool kCountsSteps = true;
   double lr_decay_;
   M weight_decay, eps;
-  bool maximize;
+  Option<M> maximize;
 
   explicit AdagradRule(const StepArgs& a)
       : lr_decay_(a.lr_decay), weight_decay(M(a.weight_decay)), eps(M(a.eps)), maximize(a.maximize) {}
@@ -154,7 +173,7 @@ template <typename M> struct AdagradRule {
   DANLU_HD void apply(M& p, M g, M (&s)[kMaxStates], const Coeffs& c) const {
     g = decayed_grad(g, p, maximize, weight_decay);
     s[0] = s[0] + M(1) * g * g;
-    M std_dev = sqrt(s[0]) + eps;
+    M std_dev = sqrt_m(s[0]) + eps;
     p = p + -c.clr * g / std_dev;
   }
 };
