@@ -31,7 +31,7 @@ class _Bucket:
         self.table = TensorTable([real(p) for p in self.params], [real(g) for g in grads], states, steps,
                                  flags, dtype.itemsize, device)
         self.args.table, self.args.num_tensors, self.args.total = self.table.ptr, self.table.num_tensors, self.table.total
-        self.grad_ptrs = tuple(g.data_ptr() for g in (p.grad for p in self.params))
+        self.grad_ptrs = _grad_ptrs([p.grad for p in self.params])
         self.flags_pending = any(flags)
         if device.type == "cuda":
             self.step_counter = torch.zeros(1, dtype=torch.int32, device=device)
@@ -74,6 +74,13 @@ class _Bucket:
                 grads[i].copy_(staging)
 
 
+def _grad_ptrs(grads):
+    try:
+        return tuple(map(torch.Tensor.data_ptr, grads))
+    except RuntimeError:  # sparse grads have no data pointer; _check_param explains
+        return None
+
+
 def _lr_for(lr, device):
     """(value, tensor): a tensor lr on the params' device is read by the kernel itself, no sync."""
     if not isinstance(lr, torch.Tensor):
@@ -88,6 +95,15 @@ def _on_device(t, device, dtype):
     if t is None or (t.device == device and t.dtype == dtype):
         return t
     return t.to(device=device, dtype=dtype)
+
+
+class _Where:
+    def __init__(self, params, p, group_index):
+        self.params, self.p, self.group_index = params, p, group_index
+
+    def __str__(self):
+        position = next(i for i, q in enumerate(self.params) if q is self.p)
+        return f"param {position} of param group {self.group_index}"
 
 
 class _GroupCache:
@@ -163,34 +179,26 @@ class FusedOptimizer(torch.optim.Optimizer):
         signature = (tuple(map(id, params)), self._state_names(group))
         cache = self._cache.get(index)
         if cache is not None and cache.signature == signature:
-            if cache.param_ptrs == tuple(p.data_ptr() for p in params):
+            if cache.param_ptrs == tuple(map(torch.Tensor.data_ptr, params)):
                 for bucket in cache.buckets:
                     grads = [p.grad for p in bucket.params]
-                    grad_ptrs = self._checked_grad_ptrs(bucket.params, grads)
-                    if grad_ptrs != bucket.grad_ptrs:
+                    grad_ptrs = _grad_ptrs(grads)
+                    if grad_ptrs != bucket.grad_ptrs:  # new grad tensors: check them before use
+                        for p in bucket.params:
+                            self._check_param(p, index, group)
                         bucket.refresh_grads(grads, grad_ptrs)
                 return cache.buckets
-        for i, p in enumerate(params):
-            self._check_param(p, i, index)
+        for p in params:
+            self._check_param(p, index, group)
         cache_buckets = self._build_buckets(group, params, cache)
-        self._cache[index] = _GroupCache(signature, tuple(p.data_ptr() for p in params), cache_buckets)
+        self._cache[index] = _GroupCache(signature, tuple(map(torch.Tensor.data_ptr, params)), cache_buckets)
         return cache_buckets
 
-    def _checked_grad_ptrs(self, params, grads):
-        try:
-            ptrs = tuple(g.data_ptr() for g in grads)
-        except RuntimeError:  # sparse grads have no data pointer
-            ptrs = None
-        if ptrs is None or any(not (g.dtype is p.dtype and g.shape == p.shape and g.device == p.device
-                                    and g.layout is torch.strided) for p, g in zip(params, grads)):
-            for i, p in enumerate(params):
-                self._check_param(p, i, None)
-        return ptrs
-
-    def _check_param(self, p, i, group_index):
-        where = f"param {i}" + (f" of param group {group_index}" if group_index is not None else "")
-        name = f"danlu.optim.{type(self).__name__}"
+    def _check_param(self, p, group_index, group):
         g = p.grad
+        name = f"danlu.optim.{type(self).__name__}"
+        # Looked up only to word an error: a search per param would make every check quadratic.
+        where = _Where(group["params"], p, group_index)
         if g.is_sparse or g.layout is not torch.strided:
             raise RuntimeError(f"{name} does not support sparse gradients ({where} has a {g.layout} grad)")
         if p.dtype not in DTYPE_CODES and p.dtype not in REAL_OF_COMPLEX:
