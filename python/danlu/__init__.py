@@ -1,5 +1,9 @@
 """danlu: fused training kernels for PyTorch (optimizers, BatchNorm, dropout) on CPU and CUDA."""
 
+# torch first: its bundled libgomp.so.1 is then the one OpenMP runtime that both torch and danlu._C
+# use, so the two share one thread pool instead of fighting over the cores.
+import torch  # noqa: F401
+
 from danlu import _C
 from danlu import optim
 
