@@ -517,10 +517,11 @@ INVALID_HYPERPARAMETERS = [
 def test_invalid_hyperparameters_raise_like_torch(name, kwargs):
     danlu_cls, torch_cls = OPTIMIZERS[name]
     params = make_params([Spec((3,))], torch.float32)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError) as torch_error:
         torch_cls(params, **kwargs)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError) as danlu_error:
         danlu_cls(params, **kwargs)
+    assert str(danlu_error.value) == str(torch_error.value)
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)
