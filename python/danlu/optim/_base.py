@@ -10,6 +10,9 @@ from danlu._native import DTYPE_CODES, REAL_OF_COMPLEX, check_cuda_built, is_den
 from danlu.optim._table import FIRST_STEP, MAX_STATES, TensorTable
 
 
+_NO_STATE: dict = {}
+
+
 class _Bucket:
     """The tensors of one group on one device with one dtype, and their cached native table."""
 
@@ -22,7 +25,7 @@ class _Bucket:
         real = (lambda t: torch.view_as_real(t)) if self.params[0].is_complex() else (lambda t: t)
         states, steps, flags = [], [], []
         for p, flag in items:
-            state = opt.state[p]
+            state = opt.state.get(p, _NO_STATE)
             states.append([real(state[n]) if n is not None else None for n in names])
             steps.append(state["step"] if opt._counts_steps else None)
             flags.append(flag)
@@ -31,7 +34,9 @@ class _Bucket:
         self.table = TensorTable([real(p) for p in self.params], [real(g) for g in grads], states, steps,
                                  flags, dtype.itemsize, device)
         self.args.table, self.args.num_tensors, self.args.total = self.table.ptr, self.table.num_tensors, self.table.total
-        self.grad_ptrs = _grad_ptrs([p.grad for p in self.params])
+        # The table points into these: holding them keeps their memory, and their ids, from being reused.
+        self.referenced = (states, steps)
+        self.grads_seen = grad_fingerprint([p.grad for p in self.params])
         self.flags_pending = any(flags)
         if device.type == "cuda":
             self.step_counter = torch.zeros(1, dtype=torch.int32, device=device)
@@ -42,11 +47,11 @@ class _Bucket:
                        if not same_layout(p, g)}
         return [self.staged.get(i, g) for i, g in enumerate(grads)]
 
-    def refresh_grads(self, grads, grad_ptrs):
+    def refresh_grads(self, grads, seen):
         """Cheap path of a step whose params and state are unchanged but whose grads are new tensors."""
         real = (lambda t: torch.view_as_real(t)) if self.params[0].is_complex() else (lambda t: t)
         self.table.set_grads([real(g) for g in self._grads(grads)])
-        self.grad_ptrs = grad_ptrs
+        self.grads_seen = seen
 
     def run(self, hyper, lr, grad_scale, found_inf):
         args = self.args
@@ -74,10 +79,11 @@ class _Bucket:
                 grads[i].copy_(staging)
 
 
-def _grad_ptrs(grads):
+def grad_fingerprint(grads):
+    """What a table's grad row depends on: each grad's memory, dtype and layout."""
     try:
-        return tuple(map(torch.Tensor.data_ptr, grads))
-    except RuntimeError:  # sparse grads have no data pointer; _check_param explains
+        return [(g.data_ptr(), g.dtype, g.shape, g.stride()) for g in grads]
+    except RuntimeError:  # sparse grads have no data pointer or strides; _check_param explains
         return None
 
 
@@ -107,8 +113,8 @@ class _Where:
 
 
 class _GroupCache:
-    def __init__(self, signature, param_ptrs, buckets):
-        self.signature, self.param_ptrs, self.buckets = signature, param_ptrs, buckets
+    def __init__(self, signature, tensors_seen, buckets):
+        self.signature, self.tensors_seen, self.buckets = signature, tensors_seen, buckets
 
 
 class FusedOptimizer(torch.optim.Optimizer):
@@ -178,21 +184,26 @@ class FusedOptimizer(torch.optim.Optimizer):
         params = [p for p in group["params"] if p.grad is not None]
         signature = (tuple(map(id, params)), self._state_names(group))
         cache = self._cache.get(index)
-        if cache is not None and cache.signature == signature:
-            if cache.param_ptrs == tuple(map(torch.Tensor.data_ptr, params)):
-                for bucket in cache.buckets:
-                    grads = [p.grad for p in bucket.params]
-                    grad_ptrs = _grad_ptrs(grads)
-                    if grad_ptrs != bucket.grad_ptrs:  # new grad tensors: check them before use
-                        for p in bucket.params:
-                            self._check_param(p, index, group)
-                        bucket.refresh_grads(grads, grad_ptrs)
-                return cache.buckets
+        if cache is not None and cache.signature == signature and cache.tensors_seen == self._tensors_seen(params, group):
+            for bucket in cache.buckets:
+                grads = [p.grad for p in bucket.params]
+                seen = grad_fingerprint(grads)
+                if seen != bucket.grads_seen:  # new or changed grad tensors: check them before use
+                    for p in bucket.params:
+                        self._check_param(p, index, group)
+                    bucket.refresh_grads(grads, seen)
+            return cache.buckets
         for p in params:
             self._check_param(p, index, group)
-        cache_buckets = self._build_buckets(group, params, cache)
-        self._cache[index] = _GroupCache(signature, tuple(map(torch.Tensor.data_ptr, params)), cache_buckets)
-        return cache_buckets
+        buckets = self._build_buckets(group, params, cache)
+        self._cache[index] = _GroupCache(signature, self._tensors_seen(params, group), buckets)
+        return buckets
+
+    def _tensors_seen(self, params, group):
+        """What a table's other rows depend on: the params' memory and layout, the state tensors' identity."""
+        names = [n for n in self._state_names(group) if n is not None] + (["step"] if self._counts_steps else [])
+        states = (self.state.get(p, _NO_STATE) for p in params)  # no empty entries: torch's SGD makes none
+        return [(p.data_ptr(), p.stride(), *[id(s.get(n)) for n in names]) for p, s in zip(params, states)]
 
     def _check_param(self, p, group_index, group):
         g = p.grad
@@ -235,9 +246,12 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _prepare_state(self, p, group) -> int:
         """Lazily creates torch-format state; puts loaded state where the kernel can use it. Returns flags."""
+        names = [n for n in self._state_names(group) if n is not None]
+        if not names and not self._counts_steps:
+            return 0
         state = self.state[p]
         flags = 0
-        if len(state) == 0 or any(n is not None and state.get(n) is None for n in self._state_names(group)):
+        if any(state.get(n) is None for n in names) or (self._counts_steps and "step" not in state):
             flags = self._init_state(p, group) or 0
         for name in self._state_names(group):
             if name is None:

@@ -22,12 +22,14 @@ class Adagrad(FusedOptimizer, torch.optim.Adagrad):
         return ("sum", None, None)
 
     def _init_state(self, p, group):
-        # torch's Adagrad fills this in its constructor; params added later get it here.
-        value = group["initial_accumulator_value"]
+        # torch's Adagrad fills this in its constructor; for params added later it takes the value from
+        # the optimizer's defaults, not from the new group, and so do we.
+        value = self.defaults["initial_accumulator_value"]
         state = self.state[p]
-        state["step"] = _new_step(p)
-        state["sum"] = torch.full_like(p, complex(value, value) if p.is_complex() else value,
-                                       memory_format=torch.preserve_format)
+        state.setdefault("step", _new_step(p))
+        if state.get("sum") is None:
+            state["sum"] = torch.full_like(p, complex(value, value) if p.is_complex() else value,
+                                           memory_format=torch.preserve_format)
 
     def _hyper(self, group):
         return {"lr_decay": float(group["lr_decay"]), "weight_decay": float(group["weight_decay"]),

@@ -35,11 +35,10 @@ class Adam(FusedOptimizer, torch.optim.Adam):
 
     def _init_state(self, p, group):
         state = self.state[p]
-        state["step"] = _new_step(p)
-        state["exp_avg"] = _zeros(p)
-        state["exp_avg_sq"] = _zeros(p)
-        if group["amsgrad"]:
-            state["max_exp_avg_sq"] = _zeros(p)
+        state.setdefault("step", _new_step(p))
+        for name in self._state_names(group):
+            if name is not None and state.get(name) is None:
+                state[name] = _zeros(p)
 
     def _hyper(self, group):
         beta1, beta2 = group["betas"]
