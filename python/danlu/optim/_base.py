@@ -125,8 +125,8 @@ class FusedOptimizer(torch.optim.Optimizer):
     match torch exactly, and ``isinstance(opt, torch.optim.Adam)`` holds.
 
     Subclasses set ``_kind`` (csrc/optim/update_rules.h OptimKind) and ``_counts_steps``, and define
-    ``_state_names(group)`` (the state keys of the table's state slots), ``_init_state(p, group)``
-    (torch's lazy state, in torch's format) and ``_hyper(group)`` (StepArgs fields from the group).
+    ``_state_names(group)`` (the state keys of the table's state slots) and ``_hyper(group)`` (StepArgs
+    fields from the group); ``_init_state`` is theirs to override where torch's lazy state is not zeros.
     """
 
     _kind: int
@@ -157,8 +157,17 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _state_names(self, group) -> tuple:
         raise NotImplementedError
 
-    def _init_state(self, p, group) -> None:
-        raise NotImplementedError
+    def _init_state(self, p, group) -> int:
+        """torch's lazy state for p, in torch's format: zeros for each missing state and a float32 step on
+        the param's device (where torch's fused optimizers keep it, and the kernel reads and counts it).
+        Returns the table flags for p."""
+        state = self.state[p]
+        if self._counts_steps:
+            state.setdefault("step", torch.zeros((), dtype=torch.float32, device=p.device))
+        for name in self._state_names(group):
+            if name is not None and state.get(name) is None:
+                state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return 0
 
     def _hyper(self, group):
         raise NotImplementedError
@@ -252,7 +261,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         state = self.state[p]
         flags = 0
         if any(state.get(n) is None for n in names) or (self._counts_steps and "step" not in state):
-            flags = self._init_state(p, group) or 0
+            flags = self._init_state(p, group)
         for name in self._state_names(group):
             if name is None:
                 continue

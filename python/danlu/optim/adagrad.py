@@ -1,7 +1,6 @@
 import torch
 
 from danlu.optim._base import FusedOptimizer
-from danlu.optim.adam import _new_step
 
 _ADAGRAD = 3  # OptimKind::Adagrad
 
@@ -26,10 +25,10 @@ class Adagrad(FusedOptimizer, torch.optim.Adagrad):
         # the optimizer's defaults, not from the new group, and so do we.
         value = self.defaults["initial_accumulator_value"]
         state = self.state[p]
-        state.setdefault("step", _new_step(p))
         if state.get("sum") is None:
             state["sum"] = torch.full_like(p, complex(value, value) if p.is_complex() else value,
                                            memory_format=torch.preserve_format)
+        return super()._init_state(p, group)
 
     def _hyper(self, group):
         return {"lr_decay": float(group["lr_decay"]), "weight_decay": float(group["weight_decay"]),

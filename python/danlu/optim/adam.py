@@ -5,15 +5,6 @@ from danlu.optim._base import FusedOptimizer
 _ADAM = 0  # OptimKind::Adam
 
 
-def _zeros(p):
-    return torch.zeros_like(p, memory_format=torch.preserve_format)
-
-
-def _new_step(p):
-    # float32 on the param's device, as torch's fused optimizers keep it: the kernel reads and counts it.
-    return torch.zeros((), dtype=torch.float32, device=p.device)
-
-
 class Adam(FusedOptimizer, torch.optim.Adam):
     """torch.optim.Adam with every option, as one fused kernel per param group, device and dtype."""
 
@@ -32,13 +23,6 @@ class Adam(FusedOptimizer, torch.optim.Adam):
 
     def _state_names(self, group):
         return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq" if group["amsgrad"] else None)
-
-    def _init_state(self, p, group):
-        state = self.state[p]
-        state.setdefault("step", _new_step(p))
-        for name in self._state_names(group):
-            if name is not None and state.get(name) is None:
-                state[name] = _zeros(p)
 
     def _hyper(self, group):
         beta1, beta2 = group["betas"]

@@ -1,7 +1,6 @@
 import torch
 
 from danlu.optim._base import FusedOptimizer
-from danlu.optim.adam import _new_step, _zeros
 
 _RMSPROP = 2  # OptimKind::Rmsprop
 
@@ -21,13 +20,6 @@ class RMSprop(FusedOptimizer, torch.optim.RMSprop):
     def _state_names(self, group):
         return ("square_avg", "momentum_buffer" if group["momentum"] > 0 else None,
                 "grad_avg" if group["centered"] else None)
-
-    def _init_state(self, p, group):
-        state = self.state[p]
-        state.setdefault("step", _new_step(p))
-        for name in self._state_names(group):
-            if name is not None and state.get(name) is None:
-                state[name] = _zeros(p)
 
     def _hyper(self, group):
         return {"alpha": float(group["alpha"]), "eps": float(group["eps"]),
