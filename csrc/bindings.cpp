@@ -2,12 +2,14 @@
 #include <pybind11/pybind11.h>
 
 #include "common/cpu_isa.h"
+#include "norm/batch_norm.h"
 #include "optim/optim.h"
 #ifdef DANLU_WITH_CUDA
 #include "common/cuda_runtime.h"
 #endif
 
 namespace py = pybind11;
+using danlu::BatchNormArgs;
 using danlu::StepArgs;
 
 PYBIND11_MODULE(_C, m) {
@@ -53,7 +55,49 @@ PYBIND11_MODULE(_C, m) {
   // The GIL is released: a step on large tensors should not stall other Python threads.
   m.def("optim_step_cpu", &danlu::optim_step_cpu, py::arg("args"), py::arg("num_threads"),
         py::call_guard<py::gil_scoped_release>());
+  py::class_<BatchNormArgs>(m, "BatchNormArgs")
+      .def(py::init<>())
+      .def_readwrite("dtype", &BatchNormArgs::dtype)
+      .def_readwrite("rows", &BatchNormArgs::rows)
+      .def_readwrite("channels", &BatchNormArgs::channels)
+      .def_readwrite("inner", &BatchNormArgs::inner)
+      .def_readwrite("activation", &BatchNormArgs::activation)
+      .def_readwrite("act_param", &BatchNormArgs::act_param)
+      .def_readwrite("mean", &BatchNormArgs::mean)
+      .def_readwrite("invstd", &BatchNormArgs::invstd)
+      .def_readwrite("weight", &BatchNormArgs::weight)
+      .def_readwrite("bias", &BatchNormArgs::bias)
+      .def_readwrite("out_mean", &BatchNormArgs::out_mean)
+      .def_readwrite("out_m2", &BatchNormArgs::out_m2)
+      .def_readwrite("sum_dz", &BatchNormArgs::sum_dz)
+      .def_readwrite("sum_dz_xhat", &BatchNormArgs::sum_dz_xhat)
+      .def_readwrite("count", &BatchNormArgs::count)
+      .def_readwrite("batch_stats", &BatchNormArgs::batch_stats)
+      .def_readwrite("x", &BatchNormArgs::x)
+      .def_readwrite("y", &BatchNormArgs::y)
+      .def_readwrite("residual", &BatchNormArgs::residual)
+      .def_readwrite("dy", &BatchNormArgs::dy)
+      .def_readwrite("dx", &BatchNormArgs::dx)
+      .def_readwrite("dresidual", &BatchNormArgs::dresidual);
+
+  const auto no_gil = py::call_guard<py::gil_scoped_release>();
+  m.def("batch_norm_stats_cpu", &danlu::batch_norm_stats_cpu, py::arg("args"), py::arg("num_threads"), no_gil);
+  m.def("batch_norm_forward_cpu", &danlu::batch_norm_forward_cpu, py::arg("args"), py::arg("num_threads"), no_gil);
+  m.def("batch_norm_backward_reduce_cpu", &danlu::batch_norm_backward_reduce_cpu, py::arg("args"),
+        py::arg("num_threads"), no_gil);
+  m.def("batch_norm_backward_apply_cpu", &danlu::batch_norm_backward_apply_cpu, py::arg("args"),
+        py::arg("num_threads"), no_gil);
+
 #ifdef DANLU_WITH_CUDA
+  m.def("batch_norm_cuda_workspace_bytes", &danlu::batch_norm_cuda_workspace_bytes, py::arg("args"));
+  m.def("batch_norm_stats_cuda", &danlu::batch_norm_stats_cuda, py::arg("args"), py::arg("device"),
+        py::arg("stream"), py::arg("workspace"), no_gil);
+  m.def("batch_norm_forward_cuda", &danlu::batch_norm_forward_cuda, py::arg("args"), py::arg("device"),
+        py::arg("stream"), no_gil);
+  m.def("batch_norm_backward_reduce_cuda", &danlu::batch_norm_backward_reduce_cuda, py::arg("args"),
+        py::arg("device"), py::arg("stream"), py::arg("workspace"), no_gil);
+  m.def("batch_norm_backward_apply_cuda", &danlu::batch_norm_backward_apply_cuda, py::arg("args"),
+        py::arg("device"), py::arg("stream"), no_gil);
   m.def("optim_step_cuda", &danlu::optim_step_cuda, py::arg("args"), py::arg("device"), py::arg("stream"),
         py::arg("step_counter"), py::call_guard<py::gil_scoped_release>());
 #endif

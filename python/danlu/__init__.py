@@ -5,7 +5,7 @@
 import torch  # noqa: F401
 
 from danlu import _C
-from danlu import optim
+from danlu import functional, nn, optim
 
 __version__ = "0.1.0"
 
@@ -15,4 +15,4 @@ def cuda_available() -> bool:
     return bool(_C.built_with_cuda) and _C.cuda_device_count() > 0
 
 
-__all__ = ["cuda_available", "optim", "__version__"]
+__all__ = ["cuda_available", "functional", "nn", "optim", "__version__"]

@@ -1,0 +1,53 @@
+#pragma once
+// BatchNorm as four native ops, the decomposition torch's own (and SyncBatchNorm's) kernels use:
+//   stats            per-channel mean and M2 of x
+//   forward          y = act((x - mean) * invstd * w + b + residual)
+//   backward_reduce  per-channel sums of dz and dz * xhat, dz = dy * act'(z)
+//   backward_apply   dx from dz and those sums; dresidual = dz
+// Finalising statistics (var, invstd, running stats) is C-sized work left to the Python side.
+#include <cstdint>
+
+namespace danlu {
+
+struct BatchNormArgs {
+  int dtype = 0;  // of x, y, residual, dy, dx, dresidual (common/dtype.h codes)
+  int64_t rows = 0, channels = 0, inner = 0;  // x as [rows, channels, inner], contiguous
+  int activation = 0;  // ActKind
+  double act_param = 0;
+  // Per-channel arrays in the math type (float32, float64 for float64 x); weight/bias 0 = not affine.
+  uintptr_t mean = 0, invstd = 0, weight = 0, bias = 0;
+  uintptr_t out_mean = 0, out_m2 = 0;           // stats outputs
+  uintptr_t sum_dz = 0, sum_dz_xhat = 0;        // backward_reduce outputs, backward_apply inputs
+  double count = 0;                              // elements per channel behind the statistics
+  bool batch_stats = true;                       // backward_apply: statistics came from this batch
+  // Full-size tensors; residual, dx, dresidual may be 0.
+  uintptr_t x = 0, y = 0, residual = 0, dy = 0, dx = 0, dresidual = 0;
+};
+
+void batch_norm_stats_cpu(const BatchNormArgs& a, int num_threads);
+void batch_norm_forward_cpu(const BatchNormArgs& a, int num_threads);
+void batch_norm_backward_reduce_cpu(const BatchNormArgs& a, int num_threads);
+void batch_norm_backward_apply_cpu(const BatchNormArgs& a, int num_threads);
+
+#define DANLU_DECLARE_BN_CPU_ISA(isa)                                          \
+  namespace isa {                                                              \
+  void batch_norm_stats_cpu(const BatchNormArgs& a, int num_threads);           \
+  void batch_norm_forward_cpu(const BatchNormArgs& a, int num_threads);         \
+  void batch_norm_backward_reduce_cpu(const BatchNormArgs& a, int num_threads); \
+  void batch_norm_backward_apply_cpu(const BatchNormArgs& a, int num_threads);  \
+  }
+DANLU_DECLARE_BN_CPU_ISA(generic)
+DANLU_DECLARE_BN_CPU_ISA(avx2)
+DANLU_DECLARE_BN_CPU_ISA(avx512)
+#undef DANLU_DECLARE_BN_CPU_ISA
+
+#ifdef DANLU_WITH_CUDA
+// Floats of device workspace the reductions (stats, backward_reduce) need; Python allocates it.
+int64_t batch_norm_cuda_workspace_bytes(const BatchNormArgs& a);
+void batch_norm_stats_cuda(const BatchNormArgs& a, int device, uintptr_t stream, uintptr_t workspace);
+void batch_norm_forward_cuda(const BatchNormArgs& a, int device, uintptr_t stream);
+void batch_norm_backward_reduce_cuda(const BatchNormArgs& a, int device, uintptr_t stream, uintptr_t workspace);
+void batch_norm_backward_apply_cuda(const BatchNormArgs& a, int device, uintptr_t stream);
+#endif
+
+}  // namespace danlu

@@ -1,0 +1,362 @@
+// CPU BatchNorm, compiled once per ISA (CMakeLists.txt sets DANLU_CPU_ISA and the flags).
+// Reductions use a fixed partition of the data and merge partials in a fixed order, so results do
+// not depend on the thread count; lanes are explicit so they do not depend on the vector width.
+#include <omp.h>
+
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+#include "common/dtype.h"
+#include "norm/batch_norm.h"
+#include "norm/batch_norm_math.h"
+
+namespace danlu {
+namespace DANLU_CPU_ISA {
+namespace {
+
+constexpr int kLanes = 16;
+constexpr int64_t kBlockElems = 1 << 14;  // one reduction block: fits in L1/L2, read twice
+
+template <typename Fn> void dispatch_activation(int kind, Fn&& fn) {
+  switch (ActKind(kind)) {
+    case ActKind::Identity: return fn(std::integral_constant<ActKind, ActKind::Identity>{});
+    case ActKind::Relu: return fn(std::integral_constant<ActKind, ActKind::Relu>{});
+    case ActKind::LeakyRelu: return fn(std::integral_constant<ActKind, ActKind::LeakyRelu>{});
+    case ActKind::Elu: return fn(std::integral_constant<ActKind, ActKind::Elu>{});
+    case ActKind::Silu: return fn(std::integral_constant<ActKind, ActKind::Silu>{});
+    case ActKind::Sigmoid: return fn(std::integral_constant<ActKind, ActKind::Sigmoid>{});
+    case ActKind::Tanh: return fn(std::integral_constant<ActKind, ActKind::Tanh>{});
+  }
+  DANLU_CHECK(false, "unknown activation " << kind);
+}
+
+template <typename P> P* ptr(uintptr_t p) { return reinterpret_cast<P*>(p); }
+
+// Sum over lanes in a fixed order.
+template <typename M> M lane_total(const M (&lane)[kLanes]) {
+  M total = 0;
+  for (int l = 0; l < kLanes; ++l) total += lane[l];
+  return total;
+}
+
+// Two passes over one cache-resident run: the mean, then squared deviations from it.
+template <typename T, typename M> __attribute__((noinline)) Moments<M> run_moments(const T* x, int64_t n) {
+  M lane[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) lane[l] += load_as<M>(x + i + l);
+  for (; i < n; ++i) lane[i % kLanes] += load_as<M>(x + i);
+  const M mean = lane_total(lane) / M(n);
+  M dev[kLanes] = {};
+  for (i = 0; i + kLanes <= n; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) {
+      const M d = load_as<M>(x + i + l) - mean;
+      dev[l] += d * d;
+    }
+  for (; i < n; ++i) {
+    const M d = load_as<M>(x + i) - mean;
+    dev[i % kLanes] += d * d;
+  }
+  return {M(n), mean, lane_total(dev)};
+}
+
+// Channels-last block: `rows` rows of C channels; per-channel moments into out[0..C).
+template <typename T, typename M>
+__attribute__((noinline)) void rows_moments(const T* x, int64_t rows, int64_t C, M* sum, Moments<M>* out) {
+  std::fill(sum, sum + C, M(0));
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < C; ++c) sum[c] += load_as<M>(x + r * C + c);
+  for (int64_t c = 0; c < C; ++c) sum[c] /= M(rows);  // now the block mean
+  std::vector<M> m2(size_t(C), M(0));
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < C; ++c) {
+      const M d = load_as<M>(x + r * C + c) - sum[c];
+      m2[size_t(c)] += d * d;
+    }
+  for (int64_t c = 0; c < C; ++c) out[c] = {M(rows), sum[c], m2[size_t(c)]};
+}
+
+// The fixed row blocks of a channels-last reduction.
+struct RowBlocks {
+  int64_t rows_per_block, count;
+  RowBlocks(int64_t rows, int64_t C)
+      // At least 16 rows a block, so the partials stay well below the size of x for wide layers.
+      : rows_per_block(std::max<int64_t>(16, kBlockElems / std::max<int64_t>(C, 1))),
+        count((rows + rows_per_block - 1) / rows_per_block) {}
+  int64_t size(int64_t b, int64_t rows) const { return std::min(rows_per_block, rows - b * rows_per_block); }
+};
+
+template <typename T> void stats(const BatchNormArgs& a, int nt) {
+  using M = math_t<T>;
+  const T* x = ptr<const T>(a.x);
+  M* out_mean = ptr<M>(a.out_mean);
+  M* out_m2 = ptr<M>(a.out_m2);
+  const int64_t R = a.rows, C = a.channels, I = a.inner;
+  if (I > 1) {  // a channel is R runs of I contiguous elements
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+    for (int64_t c = 0; c < C; ++c) {
+      Moments<M> acc;
+      for (int64_t r = 0; r < R; ++r)
+        for (int64_t i0 = 0; i0 < I; i0 += kBlockElems)
+          acc.merge(run_moments<T, M>(x + (r * C + c) * I + i0, std::min(kBlockElems, I - i0)));
+      out_mean[c] = acc.mean;
+      out_m2[c] = acc.m2;
+    }
+    return;
+  }
+  const RowBlocks blocks(R, C);
+  std::vector<Moments<M>> partial(size_t(blocks.count * C));
+#pragma omp parallel num_threads(nt)
+  {
+    std::vector<M> scratch(static_cast<size_t>(C));
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < blocks.count; ++b)
+      rows_moments<T, M>(x + b * blocks.rows_per_block * C, blocks.size(b, R), C, scratch.data(),
+                         partial.data() + b * C);
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    Moments<M> acc;
+    for (int64_t b = 0; b < blocks.count; ++b) acc.merge(partial[size_t(b * C + c)]);
+    out_mean[c] = acc.mean;
+    out_m2[c] = acc.m2;
+  }
+}
+
+// Structure-of-arrays copies of the per-channel constants, so channels-last loops vectorise over c.
+template <typename M> struct AffineArrays {
+  std::vector<M> mean, scale, shift;
+  explicit AffineArrays(const BatchNormArgs& a) : mean(a.channels), scale(a.channels), shift(a.channels) {
+    for (int64_t c = 0; c < a.channels; ++c) {
+      const ChannelAffine<M> k = channel_affine(ptr<const M>(a.mean), ptr<const M>(a.invstd),
+                                                ptr<const M>(a.weight), ptr<const M>(a.bias), c);
+      mean[size_t(c)] = k.mean, scale[size_t(c)] = k.scale, shift[size_t(c)] = k.shift;
+    }
+  }
+};
+template <typename M> struct GradArrays {
+  std::vector<M> invstd, dz_scale, mean_dz, mean_dz_xhat;
+  explicit GradArrays(const BatchNormArgs& a)
+      : invstd(a.channels), dz_scale(a.channels), mean_dz(a.channels), mean_dz_xhat(a.channels) {
+    for (int64_t c = 0; c < a.channels; ++c) {
+      const ChannelGrad<M> k = channel_grad(ptr<const M>(a.mean), ptr<const M>(a.invstd), ptr<const M>(a.weight),
+                                            ptr<const M>(a.sum_dz), ptr<const M>(a.sum_dz_xhat), M(a.count),
+                                            a.batch_stats, c);
+      invstd[size_t(c)] = k.invstd, dz_scale[size_t(c)] = k.dz_scale;
+      mean_dz[size_t(c)] = k.mean_dz, mean_dz_xhat[size_t(c)] = k.mean_dz_xhat;
+    }
+  }
+};
+
+// Calls fn(offset, n, c, stride) for every contiguous run of x in parallel: a run of one channel c
+// (stride 0: the constants of channel c throughout) or a channels-last row (stride 1: channel = index).
+template <class Fn> void for_each_run(const BatchNormArgs& a, int nt, Fn&& fn) {
+  const int64_t R = a.rows, C = a.channels, I = a.inner;
+  if (I > 1) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t rc = 0; rc < R * C; ++rc) fn(rc * I, I, rc % C, 0);
+  } else {
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t r = 0; r < R; ++r) fn(r * C, C, 0, 1);
+  }
+}
+
+template <typename T, ActKind kAct, bool kResidual, typename M>
+__attribute__((noinline)) void forward_run(const T* x, const T* res, T* y, int64_t n, const M* mean,
+                                           const M* scale, const M* shift, int64_t stride, Activation<M, kAct> act) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t c = i * stride;
+    M z = (load_as<M>(x + i) - mean[c]) * scale[c] + shift[c];
+    if constexpr (kResidual) z = z + load_as<M>(res + i);
+    store_from(y + i, act.forward(z));
+  }
+}
+
+template <typename T> void forward(const BatchNormArgs& a, int nt) {
+  using M = math_t<T>;
+  const AffineArrays<M> k(a);
+  const T* x = ptr<const T>(a.x);
+  const T* res = ptr<const T>(a.residual);
+  T* y = ptr<T>(a.y);
+  dispatch_activation(a.activation, [&](auto kind) {
+    const Activation<M, decltype(kind)::value> act{M(a.act_param)};
+    for_each_run(a, nt, [&](int64_t off, int64_t n, int64_t c, int64_t stride) {
+      if (res)
+        forward_run<T, decltype(kind)::value, true>(x + off, res + off, y + off, n, &k.mean[c], &k.scale[c],
+                                                    &k.shift[c], stride, act);
+      else
+        forward_run<T, decltype(kind)::value, false>(x + off, nullptr, y + off, n, &k.mean[c], &k.scale[c],
+                                                     &k.shift[c], stride, act);
+    });
+  });
+}
+
+// dz of one element: dy * act'(z), z recomputed exactly as the forward computed it.
+template <typename T, ActKind kAct, bool kResidual, typename M>
+DANLU_HD M element_dz(const T* x, const T* res, const T* dy, int64_t i, M mean, M scale, M shift,
+                      const Activation<M, kAct>& act) {
+  if constexpr (kAct == ActKind::Identity) {
+    return load_as<M>(dy + i);
+  } else {
+    M z = (load_as<M>(x + i) - mean) * scale + shift;
+    if constexpr (kResidual) z = z + load_as<M>(res + i);
+    return load_as<M>(dy + i) * act.grad(z);
+  }
+}
+
+template <typename T, ActKind kAct, bool kResidual, typename M>
+__attribute__((noinline)) void reduce_run(const T* x, const T* res, const T* dy, int64_t n, M mean, M scale,
+                                          M shift, M invstd, Activation<M, kAct> act, M& sum_dz, M& sum_dz_xhat) {
+  M lane_dz[kLanes] = {}, lane_dzx[kLanes] = {};
+  for (int64_t i0 = 0; i0 < n; i0 += kLanes) {
+    const int64_t width = std::min<int64_t>(kLanes, n - i0);
+    for (int l = 0; l < width; ++l) {
+      const M dz = element_dz<T, kAct, kResidual>(x, res, dy, i0 + l, mean, scale, shift, act);
+      lane_dz[l] += dz;
+      lane_dzx[l] += dz * ((load_as<M>(x + i0 + l) - mean) * invstd);
+    }
+  }
+  sum_dz = lane_total(lane_dz);
+  sum_dz_xhat = lane_total(lane_dzx);
+}
+
+template <typename T, ActKind kAct, bool kResidual, typename M>
+__attribute__((noinline)) void reduce_rows(const T* x, const T* res, const T* dy, int64_t rows, int64_t C,
+                                           const M* mean, const M* scale, const M* shift, const M* invstd,
+                                           Activation<M, kAct> act, M* sum_dz, M* sum_dz_xhat) {
+  std::fill(sum_dz, sum_dz + C, M(0));
+  std::fill(sum_dz_xhat, sum_dz_xhat + C, M(0));
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t off = r * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      const M dz = element_dz<T, kAct, kResidual>(x + off, res ? res + off : nullptr, dy + off, c, mean[c],
+                                                  scale[c], shift[c], act);
+      sum_dz[c] += dz;
+      sum_dz_xhat[c] += dz * ((load_as<M>(x + off + c) - mean[c]) * invstd[c]);
+    }
+  }
+}
+
+template <typename T> void backward_reduce(const BatchNormArgs& a, int nt) {
+  using M = math_t<T>;
+  const AffineArrays<M> k(a);
+  const T* x = ptr<const T>(a.x);
+  const T* res = ptr<const T>(a.residual);
+  const T* dy = ptr<const T>(a.dy);
+  const M* invstd = ptr<const M>(a.invstd);
+  M* out_dz = ptr<M>(a.sum_dz);
+  M* out_dzx = ptr<M>(a.sum_dz_xhat);
+  const int64_t R = a.rows, C = a.channels, I = a.inner;
+  dispatch_activation(a.activation, [&](auto kind) {
+    constexpr ActKind kAct = decltype(kind)::value;
+    const Activation<M, kAct> act{M(a.act_param)};
+    if (I > 1) {
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+      for (int64_t c = 0; c < C; ++c) {
+        M total_dz = 0, total_dzx = 0;
+        for (int64_t r = 0; r < R; ++r) {
+          const int64_t off = (r * C + c) * I;
+          M s_dz, s_dzx;
+          if (res)
+            reduce_run<T, kAct, true>(x + off, res + off, dy + off, I, k.mean[c], k.scale[c], k.shift[c], invstd[c],
+                                      act, s_dz, s_dzx);
+          else
+            reduce_run<T, kAct, false>(x + off, nullptr, dy + off, I, k.mean[c], k.scale[c], k.shift[c],
+                                       invstd[c], act, s_dz, s_dzx);
+          total_dz += s_dz;
+          total_dzx += s_dzx;
+        }
+        out_dz[c] = total_dz;
+        out_dzx[c] = total_dzx;
+      }
+      return;
+    }
+    const RowBlocks blocks(R, C);
+    std::vector<M> partial(size_t(2 * blocks.count * C));
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t b = 0; b < blocks.count; ++b) {
+      const int64_t off = b * blocks.rows_per_block * C;
+      M* p_dz = partial.data() + 2 * b * C;
+      if (res)
+        reduce_rows<T, kAct, true>(x + off, res + off, dy + off, blocks.size(b, R), C, k.mean.data(),
+                                   k.scale.data(), k.shift.data(), invstd, act, p_dz, p_dz + C);
+      else
+        reduce_rows<T, kAct, false>(x + off, nullptr, dy + off, blocks.size(b, R), C, k.mean.data(),
+                                    k.scale.data(), k.shift.data(), invstd, act, p_dz, p_dz + C);
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      M total_dz = 0, total_dzx = 0;
+      for (int64_t b = 0; b < blocks.count; ++b) {
+        total_dz += partial[size_t(2 * b * C + c)];
+        total_dzx += partial[size_t(2 * b * C + C + c)];
+      }
+      out_dz[c] = total_dz;
+      out_dzx[c] = total_dzx;
+    }
+  });
+}
+
+template <typename T, ActKind kAct, bool kResidual, typename M>
+__attribute__((noinline)) void apply_run(const T* x, const T* res, const T* dy, T* dx, T* dres, int64_t n,
+                                         const M* mean, const M* scale, const M* shift, const M* invstd,
+                                         const M* dz_scale, const M* mean_dz, const M* mean_dz_xhat, int64_t stride,
+                                         Activation<M, kAct> act) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t c = i * stride;
+    const M dz = element_dz<T, kAct, kResidual>(x, res, dy, i, mean[c], scale[c], shift[c], act);
+    if (dres) store_from(dres + i, dz);
+    if (dx) {
+      const M xhat = (load_as<M>(x + i) - mean[c]) * invstd[c];
+      store_from(dx + i, (dz - mean_dz[c] - xhat * mean_dz_xhat[c]) * dz_scale[c]);
+    }
+  }
+}
+
+template <typename T> void backward_apply(const BatchNormArgs& a, int nt) {
+  using M = math_t<T>;
+  const AffineArrays<M> k(a);
+  const GradArrays<M> g(a);
+  const T* x = ptr<const T>(a.x);
+  const T* res = ptr<const T>(a.residual);
+  const T* dy = ptr<const T>(a.dy);
+  T* dx = ptr<T>(a.dx);
+  T* dres = ptr<T>(a.dresidual);
+  dispatch_activation(a.activation, [&](auto kind) {
+    constexpr ActKind kAct = decltype(kind)::value;
+    const Activation<M, kAct> act{M(a.act_param)};
+    for_each_run(a, nt, [&](int64_t off, int64_t n, int64_t c, int64_t stride) {
+      auto run = [&](auto residual) {
+        apply_run<T, kAct, decltype(residual)::value>(
+            x + off, res ? res + off : nullptr, dy + off, dx ? dx + off : nullptr, dres ? dres + off : nullptr, n,
+            &k.mean[c], &k.scale[c], &k.shift[c], &g.invstd[c], &g.dz_scale[c], &g.mean_dz[c], &g.mean_dz_xhat[c],
+            stride, act);
+      };
+      if (res) run(std::true_type{}); else run(std::false_type{});
+    });
+  });
+}
+
+template <typename Fn> void with_dtype(const BatchNormArgs& a, Fn&& fn) {
+  dispatch_dtype(a.dtype, [&](auto tag) { fn(tag); });
+}
+
+}  // namespace
+
+void batch_norm_stats_cpu(const BatchNormArgs& a, int nt) {
+  with_dtype(a, [&](auto tag) { stats<typename decltype(tag)::type>(a, nt); });
+}
+void batch_norm_forward_cpu(const BatchNormArgs& a, int nt) {
+  with_dtype(a, [&](auto tag) { forward<typename decltype(tag)::type>(a, nt); });
+}
+void batch_norm_backward_reduce_cpu(const BatchNormArgs& a, int nt) {
+  with_dtype(a, [&](auto tag) { backward_reduce<typename decltype(tag)::type>(a, nt); });
+}
+void batch_norm_backward_apply_cpu(const BatchNormArgs& a, int nt) {
+  with_dtype(a, [&](auto tag) { backward_apply<typename decltype(tag)::type>(a, nt); });
+}
+
+}  // namespace DANLU_CPU_ISA
+}  // namespace danlu

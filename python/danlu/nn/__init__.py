@@ -1,0 +1,7 @@
+"""Drop-in torch.nn modules on danlu's kernels."""
+
+from danlu.nn.batch_norm import (
+    BatchNorm1d, BatchNorm2d, BatchNorm3d, BatchNormAct1d, BatchNormAct2d, BatchNormAct3d,
+)
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "BatchNormAct1d", "BatchNormAct2d", "BatchNormAct3d"]
