@@ -41,8 +41,10 @@ class _Act:
     ``forward(x, residual=None) = act(bn(x) + residual)``. Same state_dict as the plain BatchNorm."""
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 device=None, dtype=None, activation="relu", negative_slope=0.01, alpha=1.0):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+                 device=None, dtype=None, activation="relu", negative_slope=0.01, alpha=1.0, *, bias=True):
+        extra = {} if bias else {"bias": False}  # torch's BatchNorm takes `bias` since 2.6
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype,
+                         **extra)
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; expected one of {', '.join(ACTIVATIONS)}")
         self.activation = activation
