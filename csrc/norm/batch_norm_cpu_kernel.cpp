@@ -64,10 +64,11 @@ template <typename T, typename M> __attribute__((noinline)) Moments<M> run_momen
 // Channels-last block: `rows` rows of C channels; per-channel moments into out[0..C).
 template <typename T, typename M>
 __attribute__((noinline)) void rows_moments(const T* x, int64_t rows, int64_t C, M* sum, Moments<M>* out) {
+  // Summing deviations from the block's first row keeps the sum small when the mean is large.
   std::fill(sum, sum + C, M(0));
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < C; ++c) sum[c] += load_as<M>(x + r * C + c);
-  for (int64_t c = 0; c < C; ++c) sum[c] /= M(rows);  // now the block mean
+  for (int64_t r = 1; r < rows; ++r)
+    for (int64_t c = 0; c < C; ++c) sum[c] += load_as<M>(x + r * C + c) - load_as<M>(x + c);
+  for (int64_t c = 0; c < C; ++c) sum[c] = load_as<M>(x + c) + sum[c] / M(rows);  // now the block mean
   std::vector<M> m2(size_t(C), M(0));
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = 0; c < C; ++c) {

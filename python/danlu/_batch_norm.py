@@ -152,7 +152,10 @@ def batch_norm_act(x, running_mean, running_var, weight=None, bias=None, trainin
                          f"{tuple(residual.shape)} {residual.dtype} on {residual.device} for input "
                          f"{tuple(x.shape)} {x.dtype} on {x.device}")
     check_cuda_built(x.device)
-    use_batch_stats = training or running_mean is None or running_var is None
+    if not training and (running_mean is None or running_var is None):
+        raise RuntimeError("danlu batch_norm: running_mean and running_var must be defined in evaluation mode "
+                           "(training=False)")
+    use_batch_stats = training
     if use_batch_stats:
         torch.nn.functional._verify_batch_size(x.size())
     code, default_param = ACTIVATIONS[activation]
