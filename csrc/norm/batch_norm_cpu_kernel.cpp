@@ -18,19 +18,6 @@ namespace {
 constexpr int kLanes = 16;
 constexpr int64_t kBlockElems = 1 << 14;  // one reduction block: fits in L1/L2, read twice
 
-template <typename Fn> void dispatch_activation(int kind, Fn&& fn) {
-  switch (ActKind(kind)) {
-    case ActKind::Identity: return fn(std::integral_constant<ActKind, ActKind::Identity>{});
-    case ActKind::Relu: return fn(std::integral_constant<ActKind, ActKind::Relu>{});
-    case ActKind::LeakyRelu: return fn(std::integral_constant<ActKind, ActKind::LeakyRelu>{});
-    case ActKind::Elu: return fn(std::integral_constant<ActKind, ActKind::Elu>{});
-    case ActKind::Silu: return fn(std::integral_constant<ActKind, ActKind::Silu>{});
-    case ActKind::Sigmoid: return fn(std::integral_constant<ActKind, ActKind::Sigmoid>{});
-    case ActKind::Tanh: return fn(std::integral_constant<ActKind, ActKind::Tanh>{});
-  }
-  DANLU_CHECK(false, "unknown activation " << kind);
-}
-
 template <typename P> P* ptr(uintptr_t p) { return reinterpret_cast<P*>(p); }
 
 // Sum over lanes in a fixed order.

@@ -169,19 +169,6 @@ __global__ void __launch_bounds__(kThreads) apply_kernel(BatchNormArgs a, int64_
   }
 }
 
-template <typename Fn> void dispatch_activation(int kind, Fn&& fn) {
-  switch (ActKind(kind)) {
-    case ActKind::Identity: return fn(std::integral_constant<ActKind, ActKind::Identity>{});
-    case ActKind::Relu: return fn(std::integral_constant<ActKind, ActKind::Relu>{});
-    case ActKind::LeakyRelu: return fn(std::integral_constant<ActKind, ActKind::LeakyRelu>{});
-    case ActKind::Elu: return fn(std::integral_constant<ActKind, ActKind::Elu>{});
-    case ActKind::Silu: return fn(std::integral_constant<ActKind, ActKind::Silu>{});
-    case ActKind::Sigmoid: return fn(std::integral_constant<ActKind, ActKind::Sigmoid>{});
-    case ActKind::Tanh: return fn(std::integral_constant<ActKind, ActKind::Tanh>{});
-  }
-  DANLU_CHECK(false, "unknown activation " << kind);
-}
-
 // Calls fn(T, activation, residual) for the kernel template arguments the call needs.
 template <typename Fn> void dispatch_elementwise(const BatchNormArgs& a, Fn&& fn) {
   dispatch_dtype(a.dtype, [&](auto tag) {

@@ -7,6 +7,7 @@
 //   channels_last(_3d), NC:  rows = N*H*W(*D), inner = 1
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "common/check.h"
 #include "common/macros.h"
@@ -53,6 +54,20 @@ template <typename M, ActKind kAct> struct Activation {
     }
   }
 };
+
+// Calls fn(std::integral_constant<ActKind, kind>) for a runtime activation code (host only).
+template <typename Fn> void dispatch_activation(int kind, Fn&& fn) {
+  switch (ActKind(kind)) {
+    case ActKind::Identity: return fn(std::integral_constant<ActKind, ActKind::Identity>{});
+    case ActKind::Relu: return fn(std::integral_constant<ActKind, ActKind::Relu>{});
+    case ActKind::LeakyRelu: return fn(std::integral_constant<ActKind, ActKind::LeakyRelu>{});
+    case ActKind::Elu: return fn(std::integral_constant<ActKind, ActKind::Elu>{});
+    case ActKind::Silu: return fn(std::integral_constant<ActKind, ActKind::Silu>{});
+    case ActKind::Sigmoid: return fn(std::integral_constant<ActKind, ActKind::Sigmoid>{});
+    case ActKind::Tanh: return fn(std::integral_constant<ActKind, ActKind::Tanh>{});
+  }
+  DANLU_CHECK(false, "unknown activation " << kind);
+}
 
 // Partial statistics of one channel: element count, mean and sum of squared deviations (M2).
 // Partials merge with Chan et al.'s formula, which never subtracts two large sums of squares.

@@ -124,15 +124,29 @@ class BatchNormFunction(torch.autograd.Function):
         return dx, dres, dw, db, None, None, None, None, None, None, None
 
 
+def readable_inputs(x, residual, who):
+    """Checks the input and residual and returns them in a layout the native kernels read in place."""
+    if x.dtype not in DTYPE_CODES:
+        raise TypeError(f"{who}: input dtype {x.dtype} is not supported (float32, float64, float16, bfloat16)")
+    if residual is not None and (residual.shape != x.shape or residual.device != x.device
+                                 or residual.dtype != x.dtype):
+        raise ValueError(f"{who}: residual must match the input's shape, dtype and device; got "
+                         f"{tuple(residual.shape)} {residual.dtype} on {residual.device} for input "
+                         f"{tuple(x.shape)} {x.dtype} on {x.device}")
+    check_cuda_built(x.device)
+    if layout_of(x) is None:
+        x = x.contiguous()
+    if residual is not None and residual.stride() != x.stride():
+        residual = residual.contiguous(memory_format=layout_of(x)[3])
+    return x, residual
+
+
 def batch_norm_act(x, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
                    eps=1e-5, activation="identity", act_param=None, residual=None):
     """act(batch_norm(x) + residual) with torch.nn.functional.batch_norm's semantics for the norm."""
     if x.dim() < 2:
         raise ValueError(f"danlu batch_norm: expected input with at least 2 dims (N, C, ...), got shape "
                          f"{tuple(x.shape)}")
-    if x.dtype not in DTYPE_CODES:
-        raise TypeError(f"danlu batch_norm: input dtype {x.dtype} is not supported (float32, float64, float16, "
-                        "bfloat16)")
     if activation not in ACTIVATIONS:
         raise ValueError(f"danlu batch_norm: unknown activation {activation!r}; expected one of "
                          f"{', '.join(ACTIVATIONS)}")
@@ -146,23 +160,14 @@ def batch_norm_act(x, running_mean, running_var, weight=None, bias=None, trainin
                              f"input with {channels} channels")
         if t.device != x.device:
             raise ValueError(f"danlu batch_norm: {name} is on {t.device} but the input is on {x.device}")
-    if residual is not None and (residual.shape != x.shape or residual.device != x.device
-                                 or residual.dtype != x.dtype):
-        raise ValueError(f"danlu batch_norm: residual must match the input's shape, dtype and device; got "
-                         f"{tuple(residual.shape)} {residual.dtype} on {residual.device} for input "
-                         f"{tuple(x.shape)} {x.dtype} on {x.device}")
-    check_cuda_built(x.device)
     if not training and (running_mean is None or running_var is None):
         raise RuntimeError("danlu batch_norm: running_mean and running_var must be defined in evaluation mode "
                            "(training=False)")
     use_batch_stats = training
     if use_batch_stats:
         torch.nn.functional._verify_batch_size(x.size())
+    x, residual = readable_inputs(x, residual, "danlu batch_norm")
     code, default_param = ACTIVATIONS[activation]
-    if layout_of(x) is None:
-        x = x.contiguous()
-    if residual is not None and residual.stride() != x.stride():
-        residual = residual.contiguous(memory_format=layout_of(x)[3])
     if x.numel() == 0:  # nothing to normalise; torch's own semantics for the buffers and the output
         y = torch.nn.functional.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
         return _activate(y + residual if residual is not None else y, activation, act_param)

@@ -13,8 +13,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from danlu._batch_norm import ACTIVATIONS, _Native, _stat_dtype, batch_norm_act, layout_of
-from danlu._native import DTYPE_CODES, check_cuda_built
+from danlu._batch_norm import ACTIVATIONS, _Native, _stat_dtype, batch_norm_act, layout_of, readable_inputs
 
 
 class SyncBatchNormFunction(torch.autograd.Function):
@@ -143,19 +142,7 @@ def _group_means(sum_dz, sum_dz_xhat, count, group):
 def sync_batch_norm_act(x, running_mean, running_var, weight, bias, momentum, eps, activation, act_param, residual,
                         group):
     """act(batch_norm(x) + residual) in training, with statistics over every rank of `group`."""
-    if x.dtype not in DTYPE_CODES:
-        raise TypeError(f"danlu SyncBatchNorm: input dtype {x.dtype} is not supported (float32, float64, float16, "
-                        "bfloat16)")
-    if residual is not None and (residual.shape != x.shape or residual.device != x.device
-                                 or residual.dtype != x.dtype):
-        raise ValueError(f"danlu SyncBatchNorm: residual must match the input's shape, dtype and device; got "
-                         f"{tuple(residual.shape)} {residual.dtype} on {residual.device} for input "
-                         f"{tuple(x.shape)} {x.dtype} on {x.device}")
-    check_cuda_built(x.device)
-    if layout_of(x) is None:
-        x = x.contiguous()
-    if residual is not None and residual.stride() != x.stride():
-        residual = residual.contiguous(memory_format=layout_of(x)[3])
+    x, residual = readable_inputs(x, residual, "danlu SyncBatchNorm")
     code, default_param = ACTIVATIONS[activation]
     return SyncBatchNormFunction.apply(x, residual, weight, bias, running_mean, running_var, momentum, eps, code,
                                        default_param if act_param is None else act_param, group)
