@@ -3,7 +3,8 @@
 //   stats            per-channel mean and M2 of x
 //   forward          y = act((x - mean) * invstd * w + b + residual)
 //   backward_reduce  per-channel sums of dz and dz * xhat, dz = dy * act'(z)
-//   backward_apply   dx from dz and those sums; dresidual = dz
+//   backward_apply   dx from dz and those sums; dresidual = dz (both always written: with a residual,
+//                    the caller provides both buffers even if it needs only one grad)
 // Finalising statistics (var, invstd, running stats) is C-sized work left to the Python side.
 #include <cstdint>
 

@@ -138,23 +138,24 @@ template <typename M> struct GradArrays {
 
 // Calls fn(offset, n, c, stride) for every contiguous run of x in parallel: a run of one channel c
 // (stride 0: the constants of channel c throughout) or a channels-last row (stride 1: channel = index).
+// The stride is a compile-time constant, so the loops broadcast or load the constants as they should.
 template <class Fn> void for_each_run(const BatchNormArgs& a, int nt, Fn&& fn) {
   const int64_t R = a.rows, C = a.channels, I = a.inner;
   if (I > 1) {
 #pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t rc = 0; rc < R * C; ++rc) fn(rc * I, I, rc % C, 0);
+    for (int64_t rc = 0; rc < R * C; ++rc) fn(rc * I, I, rc % C, std::integral_constant<int64_t, 0>{});
   } else {
 #pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t r = 0; r < R; ++r) fn(r * C, C, 0, 1);
+    for (int64_t r = 0; r < R; ++r) fn(r * C, C, 0, std::integral_constant<int64_t, 1>{});
   }
 }
 
-template <typename T, ActKind kAct, bool kResidual, typename M>
+template <typename T, ActKind kAct, bool kResidual, int64_t kStride, typename M>
 __attribute__((noinline)) void forward_run(const T* x, const T* res, T* y, int64_t n, const M* mean,
-                                           const M* scale, const M* shift, int64_t stride, Activation<M, kAct> act) {
+                                           const M* scale, const M* shift, Activation<M, kAct> act) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    const int64_t c = i * stride;
+    const int64_t c = i * kStride;
     M z = (load_as<M>(x + i) - mean[c]) * scale[c] + shift[c];
     if constexpr (kResidual) z = z + load_as<M>(res + i);
     store_from(y + i, act.forward(z));
@@ -169,13 +170,14 @@ template <typename T> void forward(const BatchNormArgs& a, int nt) {
   T* y = ptr<T>(a.y);
   dispatch_activation(a.activation, [&](auto kind) {
     const Activation<M, decltype(kind)::value> act{M(a.act_param)};
-    for_each_run(a, nt, [&](int64_t off, int64_t n, int64_t c, int64_t stride) {
+    for_each_run(a, nt, [&](int64_t off, int64_t n, int64_t c, auto stride) {
+      constexpr int64_t kStride = decltype(stride)::value;
       if (res)
-        forward_run<T, decltype(kind)::value, true>(x + off, res + off, y + off, n, &k.mean[c], &k.scale[c],
-                                                    &k.shift[c], stride, act);
+        forward_run<T, decltype(kind)::value, true, kStride>(x + off, res + off, y + off, n, &k.mean[c],
+                                                             &k.scale[c], &k.shift[c], act);
       else
-        forward_run<T, decltype(kind)::value, false>(x + off, nullptr, y + off, n, &k.mean[c], &k.scale[c],
-                                                     &k.shift[c], stride, act);
+        forward_run<T, decltype(kind)::value, false, kStride>(x + off, nullptr, y + off, n, &k.mean[c],
+                                                              &k.scale[c], &k.shift[c], act);
     });
   });
 }
@@ -286,20 +288,19 @@ template <typename T> void backward_reduce(const BatchNormArgs& a, int nt) {
   });
 }
 
-template <typename T, ActKind kAct, bool kResidual, typename M>
+// Writes dx, and with a residual its grad dz too (the caller always provides both buffers).
+template <typename T, ActKind kAct, bool kResidual, int64_t kStride, typename M>
 __attribute__((noinline)) void apply_run(const T* x, const T* res, const T* dy, T* dx, T* dres, int64_t n,
                                          const M* mean, const M* scale, const M* shift, const M* invstd,
-                                         const M* dz_scale, const M* mean_dz, const M* mean_dz_xhat, int64_t stride,
+                                         const M* dz_scale, const M* mean_dz, const M* mean_dz_xhat,
                                          Activation<M, kAct> act) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    const int64_t c = i * stride;
+    const int64_t c = i * kStride;
     const M dz = element_dz<T, kAct, kResidual>(x, res, dy, i, mean[c], scale[c], shift[c], act);
-    if (dres) store_from(dres + i, dz);
-    if (dx) {
-      const M xhat = (load_as<M>(x + i) - mean[c]) * invstd[c];
-      store_from(dx + i, (dz - mean_dz[c] - xhat * mean_dz_xhat[c]) * dz_scale[c]);
-    }
+    if constexpr (kResidual) store_from(dres + i, dz);
+    const M xhat = (load_as<M>(x + i) - mean[c]) * invstd[c];
+    store_from(dx + i, (dz - mean_dz[c] - xhat * mean_dz_xhat[c]) * dz_scale[c]);
   }
 }
 
@@ -315,12 +316,11 @@ template <typename T> void backward_apply(const BatchNormArgs& a, int nt) {
   dispatch_activation(a.activation, [&](auto kind) {
     constexpr ActKind kAct = decltype(kind)::value;
     const Activation<M, kAct> act{M(a.act_param)};
-    for_each_run(a, nt, [&](int64_t off, int64_t n, int64_t c, int64_t stride) {
+    for_each_run(a, nt, [&](int64_t off, int64_t n, int64_t c, auto stride) {
       auto run = [&](auto residual) {
-        apply_run<T, kAct, decltype(residual)::value>(
-            x + off, res ? res + off : nullptr, dy + off, dx ? dx + off : nullptr, dres ? dres + off : nullptr, n,
-            &k.mean[c], &k.scale[c], &k.shift[c], &g.invstd[c], &g.dz_scale[c], &g.mean_dz[c], &g.mean_dz_xhat[c],
-            stride, act);
+        apply_run<T, kAct, decltype(residual)::value, decltype(stride)::value>(
+            x + off, res ? res + off : nullptr, dy + off, dx + off, res ? dres + off : nullptr, n, &k.mean[c],
+            &k.scale[c], &k.shift[c], &g.invstd[c], &g.dz_scale[c], &g.mean_dz[c], &g.mean_dz_xhat[c], act);
       };
       if (res) run(std::true_type{}); else run(std::false_type{});
     });

@@ -161,11 +161,9 @@ __global__ void __launch_bounds__(kThreads) apply_kernel(BatchNormArgs a, int64_
                                           ptr<const M>(a.sum_dz), ptr<const M>(a.sum_dz_xhat), M(a.count),
                                           a.batch_stats, c);
     const M dz = element_dz<T, kAct, kResidual>(a, act, k, i);
-    if (a.dresidual) store_from(ptr<T>(a.dresidual) + i, dz);
-    if (a.dx) {
-      const M xhat = (load_as<M>(ptr<const T>(a.x) + i) - g.mean) * g.invstd;
-      store_from(ptr<T>(a.dx) + i, (dz - g.mean_dz - xhat * g.mean_dz_xhat) * g.dz_scale);
-    }
+    if constexpr (kResidual) store_from(ptr<T>(a.dresidual) + i, dz);
+    const M xhat = (load_as<M>(ptr<const T>(a.x) + i) - g.mean) * g.invstd;
+    store_from(ptr<T>(a.dx) + i, (dz - g.mean_dz - xhat * g.mean_dz_xhat) * g.dz_scale);
   }
 }
 

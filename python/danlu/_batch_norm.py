@@ -110,9 +110,11 @@ class BatchNormFunction(torch.autograd.Function):
         if need_w or need_b or (need_x and use_batch_stats):
             native.run("backward_reduce", x=x, residual=residual, dy=dy, mean=mean, invstd=invstd, weight=w,
                        bias=b, sum_dz=sum_dz, sum_dz_xhat=sum_dz_xhat)
-        dx = torch.empty_like(x, memory_format=fmt) if need_x else None
-        dres = torch.empty_like(x, memory_format=fmt) if need_res else None
-        if dx is not None or dres is not None:
+        # The kernel writes dx, and dresidual whenever there is a residual: it recomputes z with it anyway.
+        dx = dres = None
+        if need_x or need_res:
+            dx = torch.empty_like(x, memory_format=fmt)
+            dres = torch.empty_like(x, memory_format=fmt) if residual is not None else None
             native.args.count = float(count)
             native.args.batch_stats = use_batch_stats
             native.run("backward_apply", x=x, residual=residual, dy=dy, dx=dx, dresidual=dres, mean=mean,
@@ -121,7 +123,7 @@ class BatchNormFunction(torch.autograd.Function):
         w_dtype, b_dtype = ctx.param_dtypes
         dw = sum_dz_xhat.to(w_dtype) if need_w else None
         db = sum_dz.to(b_dtype) if need_b else None
-        return dx, dres, dw, db, None, None, None, None, None, None, None
+        return dx if need_x else None, dres if need_res else None, dw, db, None, None, None, None, None, None, None
 
 
 def readable_inputs(x, residual, who):

@@ -58,8 +58,9 @@ class SyncBatchNormFunction(torch.autograd.Function):
         # As torch's SyncBatchNorm, only the input grad needs the group: weight and bias grads stay this
         # rank's own sums, which DDP then averages like any other parameter's.
         mean_dz, mean_dz_xhat = _group_means(sum_dz, sum_dz_xhat, count, ctx.group) if need_x else (None, None)
-        dx = torch.empty_like(x, memory_format=fmt) if need_x else None
-        dres = torch.empty_like(x, memory_format=fmt) if need_res else None
+        # The kernel writes dx, and dresidual whenever there is a residual (see csrc/norm/batch_norm.h).
+        dx = torch.empty_like(x, memory_format=fmt) if need_x or need_res else None
+        dres = torch.empty_like(x, memory_format=fmt) if need_res or (need_x and residual is not None) else None
         if (need_x or need_res) and x.numel() > 0:
             native.args.count = 1.0  # the sums come already divided by the group's count
             native.args.batch_stats = True
@@ -67,7 +68,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         w_dtype, b_dtype = ctx.param_dtypes
         dw = sum_dz_xhat.to(w_dtype) if need_w else None
         db = sum_dz.to(b_dtype) if need_b else None
-        return dx, dres, dw, db, None, None, None, None, None, None, None
+        return dx if need_x else None, dres if need_res else None, dw, db, None, None, None, None, None, None, None
 
 
 def _local_moments(native, x, channels, count):
