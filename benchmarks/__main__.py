@@ -20,7 +20,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="where to run (default: cuda when torch and danlu can use it, else cpu)")
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true",
-                      help="smaller cases (still beyond the caches) and fewer optimizers: minutes, not tens")
+                      help="smaller cases (still beyond the caches), fewer optimizers and BatchNorm cases: "
+                           "minutes, not tens")
     size.add_argument("--smoke", action="store_true",
                       help="tiny cases and timings, for the test suite: the numbers mean nothing")
     parser.add_argument("--only", type=_families, default=harness.implemented_families(),

@@ -20,7 +20,7 @@ from torch.utils.benchmark import Measurement, Timer
 # Family name -> module that defines ``cases(device, mode)``; None: planned, not written yet.
 FAMILIES: dict[str, Optional[str]] = {
     "optim": "benchmarks.optim",
-    "batchnorm": None,
+    "batchnorm": "benchmarks.batchnorm",
     "dropout": None,
 }
 
