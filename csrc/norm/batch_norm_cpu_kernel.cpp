@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "common/dtype.h"
+#include "common/parallel.h"
 #include "norm/batch_norm.h"
 #include "norm/batch_norm_math.h"
 
@@ -327,6 +328,8 @@ template <typename T> void backward_apply(const BatchNormArgs& a, int nt) {
   });
 }
 
+int useful_threads(const BatchNormArgs& a, int nt) { return threads_for(a.rows * a.channels * a.inner, nt); }
+
 template <typename Fn> void with_dtype(const BatchNormArgs& a, Fn&& fn) {
   dispatch_dtype(a.dtype, [&](auto tag) { fn(tag); });
 }
@@ -334,16 +337,16 @@ template <typename Fn> void with_dtype(const BatchNormArgs& a, Fn&& fn) {
 }  // namespace
 
 void batch_norm_stats_cpu(const BatchNormArgs& a, int nt) {
-  with_dtype(a, [&](auto tag) { stats<typename decltype(tag)::type>(a, nt); });
+  with_dtype(a, [&](auto tag) { stats<typename decltype(tag)::type>(a, useful_threads(a, nt)); });
 }
 void batch_norm_forward_cpu(const BatchNormArgs& a, int nt) {
-  with_dtype(a, [&](auto tag) { forward<typename decltype(tag)::type>(a, nt); });
+  with_dtype(a, [&](auto tag) { forward<typename decltype(tag)::type>(a, useful_threads(a, nt)); });
 }
 void batch_norm_backward_reduce_cpu(const BatchNormArgs& a, int nt) {
-  with_dtype(a, [&](auto tag) { backward_reduce<typename decltype(tag)::type>(a, nt); });
+  with_dtype(a, [&](auto tag) { backward_reduce<typename decltype(tag)::type>(a, useful_threads(a, nt)); });
 }
 void batch_norm_backward_apply_cpu(const BatchNormArgs& a, int nt) {
-  with_dtype(a, [&](auto tag) { backward_apply<typename decltype(tag)::type>(a, nt); });
+  with_dtype(a, [&](auto tag) { backward_apply<typename decltype(tag)::type>(a, useful_threads(a, nt)); });
 }
 
 }  // namespace DANLU_CPU_ISA

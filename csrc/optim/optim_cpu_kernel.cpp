@@ -5,6 +5,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/parallel.h"
 #include "optim/multi_tensor_step.h"
 #include "optim/optim.h"
 
@@ -12,8 +13,6 @@ namespace danlu {
 namespace DANLU_CPU_ISA {
 namespace {
 
-// Below this many elements a parallel region costs more than it saves.
-constexpr int64_t kMinElemsPerThread = 1 << 15;
 // Threads' ranges start on 64-element boundaries so no two threads share a cache line.
 constexpr int64_t kSplitAlign = 64;
 
@@ -29,9 +28,7 @@ __attribute__((noinline)) void update_range(TensorPtrs<T> x, int64_t lo, int64_t
 template <class Rule, typename T, bool kUnscale>
 void run(const TensorTable& tab, const Rule& rule, const std::vector<typename Rule::Coeffs>& coeffs,
          math_t<T> grad_scale, int num_threads) {
-  const int64_t useful = std::max<int64_t>(1, tab.total / kMinElemsPerThread);
-  num_threads = int(std::min<int64_t>(std::max(num_threads, 1), useful));
-#pragma omp parallel num_threads(num_threads)
+#pragma omp parallel num_threads(threads_for(tab.total, num_threads))
   {
     const int64_t nt = omp_get_num_threads(), tid = omp_get_thread_num();
     const int64_t share = (tab.total + nt - 1) / nt;
