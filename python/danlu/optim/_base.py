@@ -7,7 +7,7 @@ import torch
 
 from danlu import _C
 from danlu._native import DTYPE_CODES, REAL_OF_COMPLEX, check_cuda_built, is_dense, same_layout
-from danlu.optim._table import FIRST_STEP, MAX_STATES, TensorTable
+from danlu.optim._table import FIRST_STEP, TensorTable
 
 
 _NO_STATE: dict = {}
@@ -22,7 +22,8 @@ class _Bucket:
         self.args = _C.StepArgs()
         self.args.kind, self.args.dtype = opt._kind, DTYPE_CODES[dtype]
         names = opt._state_names(group)
-        real = (lambda t: torch.view_as_real(t)) if self.params[0].is_complex() else (lambda t: t)
+        self.is_complex = self.params[0].is_complex()
+        real = self._real
         states, steps, flags = [], [], []
         for p, flag in items:
             state = opt.state.get(p, _NO_STATE)
@@ -47,10 +48,13 @@ class _Bucket:
                        if not same_layout(p, g)}
         return [self.staged.get(i, g) for i, g in enumerate(grads)]
 
+    def _real(self, t):
+        """Complex tensors are updated through their real view, as torch's optimizers do."""
+        return torch.view_as_real(t) if self.is_complex else t
+
     def refresh_grads(self, grads, seen):
         """Cheap path of a step whose params and state are unchanged but whose grads are new tensors."""
-        real = (lambda t: torch.view_as_real(t)) if self.params[0].is_complex() else (lambda t: t)
-        self.table.set_grads([real(g) for g in self._grads(grads)])
+        self.table.set_grads([self._real(g) for g in self._grads(grads)])
         self.grads_seen = seen
 
     def run(self, hyper, lr, grad_scale, found_inf):
