@@ -191,59 +191,70 @@ int64_t batch_norm_cuda_workspace_bytes(const BatchNormArgs& a) {
   return g.splits * a.channels * item;
 }
 
-void batch_norm_stats_cuda(const BatchNormArgs& a, int device, uintptr_t stream, uintptr_t workspace) {
-  if (a.channels == 0) return;
+namespace {
+
+// Runs launch(stream) on `device` when there is work, then checks the launches.
+template <class Launch>
+void on_device(bool has_work, int device, uintptr_t stream, const char* what, Launch&& launch) {
+  if (!has_work) return;
   DeviceGuard guard(device);
+  launch(reinterpret_cast<cudaStream_t>(stream));
+  cuda_check(cudaGetLastError(), what);
+}
+
+// The two stages of a reduction: partials per (channel block, split), then one thread per channel.
+template <class Partial>
+void launch_reduction(const BatchNormArgs& a, cudaStream_t s, void (*partials)(BatchNormArgs, int64_t, Partial*),
+                      void (*finish)(BatchNormArgs, int64_t, const Partial*), uintptr_t workspace) {
   const Grid g = reduction_grid(a);
-  auto s = reinterpret_cast<cudaStream_t>(stream);
-  dispatch_dtype(a.dtype, [&](auto tag) {
-    using T = typename decltype(tag)::type;
-    using M = math_t<T>;
-    auto* partial = ptr<Moments<M>>(workspace);
-    stats_kernel<T><<<dim3(unsigned(g.channel_blocks), unsigned(g.splits)), kThreads, 0, s>>>(a, g.splits, partial);
-    stats_finish_kernel<M><<<unsigned((a.channels + kThreads - 1) / kThreads), kThreads, 0, s>>>(a, g.splits, partial);
+  auto* partial = ptr<Partial>(workspace);
+  partials<<<dim3(unsigned(g.channel_blocks), unsigned(g.splits)), kThreads, 0, s>>>(a, g.splits, partial);
+  finish<<<unsigned((a.channels + kThreads - 1) / kThreads), kThreads, 0, s>>>(a, g.splits, partial);
+}
+
+// One elementwise kernel over x; pick(tag, act, residual) names the instantiation.
+template <class Pick> void launch_elementwise(const BatchNormArgs& a, cudaStream_t s, Pick&& pick) {
+  dispatch_elementwise(a, [&](auto tag, auto act, auto residual) {
+    pick(tag, act, residual)<<<elementwise_blocks(total_elems(a)), kThreads, 0, s>>>(a, total_elems(a));
   });
-  cuda_check(cudaGetLastError(), "launching the batch norm statistics kernels");
+}
+
+}  // namespace
+
+void batch_norm_stats_cuda(const BatchNormArgs& a, int device, uintptr_t stream, uintptr_t workspace) {
+  on_device(a.channels > 0, device, stream, "launching the batch norm statistics kernels", [&](cudaStream_t s) {
+    dispatch_dtype(a.dtype, [&](auto tag) {
+      using T = typename decltype(tag)::type;
+      launch_reduction(a, s, stats_kernel<T>, stats_finish_kernel<math_t<T>>, workspace);
+    });
+  });
 }
 
 void batch_norm_forward_cuda(const BatchNormArgs& a, int device, uintptr_t stream) {
-  const int64_t total = total_elems(a);
-  if (total == 0) return;
-  DeviceGuard guard(device);
-  auto s = reinterpret_cast<cudaStream_t>(stream);
-  dispatch_elementwise(a, [&](auto tag, auto act, auto residual) {
-    forward_kernel<typename decltype(tag)::type, decltype(act)::value, decltype(residual)::value>
-        <<<elementwise_blocks(total), kThreads, 0, s>>>(a, total);
+  on_device(total_elems(a) > 0, device, stream, "launching the batch norm forward kernel", [&](cudaStream_t s) {
+    launch_elementwise(a, s, [](auto tag, auto act, auto residual) {
+      return forward_kernel<typename decltype(tag)::type, decltype(act)::value, decltype(residual)::value>;
+    });
   });
-  cuda_check(cudaGetLastError(), "launching the batch norm forward kernel");
 }
 
 void batch_norm_backward_reduce_cuda(const BatchNormArgs& a, int device, uintptr_t stream, uintptr_t workspace) {
-  if (a.channels == 0) return;
-  DeviceGuard guard(device);
-  const Grid g = reduction_grid(a);
-  auto s = reinterpret_cast<cudaStream_t>(stream);
-  dispatch_elementwise(a, [&](auto tag, auto act, auto residual) {
-    using T = typename decltype(tag)::type;
-    using M = math_t<T>;
-    auto* partial = ptr<Sums<M>>(workspace);
-    reduce_kernel<T, decltype(act)::value, decltype(residual)::value>
-        <<<dim3(unsigned(g.channel_blocks), unsigned(g.splits)), kThreads, 0, s>>>(a, g.splits, partial);
-    reduce_finish_kernel<M><<<unsigned((a.channels + kThreads - 1) / kThreads), kThreads, 0, s>>>(a, g.splits, partial);
-  });
-  cuda_check(cudaGetLastError(), "launching the batch norm backward reduction kernels");
+  on_device(a.channels > 0, device, stream, "launching the batch norm backward reduction kernels",
+            [&](cudaStream_t s) {
+              dispatch_elementwise(a, [&](auto tag, auto act, auto residual) {
+                using T = typename decltype(tag)::type;
+                launch_reduction(a, s, reduce_kernel<T, decltype(act)::value, decltype(residual)::value>,
+                                 reduce_finish_kernel<math_t<T>>, workspace);
+              });
+            });
 }
 
 void batch_norm_backward_apply_cuda(const BatchNormArgs& a, int device, uintptr_t stream) {
-  const int64_t total = total_elems(a);
-  if (total == 0) return;
-  DeviceGuard guard(device);
-  auto s = reinterpret_cast<cudaStream_t>(stream);
-  dispatch_elementwise(a, [&](auto tag, auto act, auto residual) {
-    apply_kernel<typename decltype(tag)::type, decltype(act)::value, decltype(residual)::value>
-        <<<elementwise_blocks(total), kThreads, 0, s>>>(a, total);
+  on_device(total_elems(a) > 0, device, stream, "launching the batch norm backward kernel", [&](cudaStream_t s) {
+    launch_elementwise(a, s, [](auto tag, auto act, auto residual) {
+      return apply_kernel<typename decltype(tag)::type, decltype(act)::value, decltype(residual)::value>;
+    });
   });
-  cuda_check(cudaGetLastError(), "launching the batch norm backward kernel");
 }
 
 }  // namespace danlu
