@@ -502,6 +502,15 @@ def test_zero_batch_like_torch(dims, shape, fmt, momentum):
                 assert torch.equal(torch.nan_to_num(a, 7.0), torch.nan_to_num(e, 7.0)), f"{name}: {a} vs torch {e}"
 
 
+def assert_same_value_error(ours, ref, x):
+    """Both modules raise ValueError on x, with the same message."""
+    with pytest.raises(ValueError) as expected:
+        ref(x)
+    with pytest.raises(ValueError) as got:
+        ours(x)
+    assert str(got.value) == str(expected.value)
+
+
 @pytest.mark.parametrize("dims, shape", [
     pytest.param(1, (1, 3), id="1d-NC"),
     pytest.param(1, (1, 3, 1), id="1d-NCL"),
@@ -512,11 +521,7 @@ def test_zero_batch_like_torch(dims, shape, fmt, momentum):
 def test_one_value_per_channel_in_training_raises_like_torch(dims, shape, activation):
     ours, ref = bn_pair(dims, 3, activation=activation)
     x = torch.randn(shape)
-    with pytest.raises(ValueError) as expected:
-        ref(x)
-    with pytest.raises(ValueError) as got:
-        ours(x)
-    assert str(got.value) == str(expected.value)
+    assert_same_value_error(ours, ref, x)
     assert int(ours.num_batches_tracked) == int(ref.num_batches_tracked)
     # In eval mode with running statistics a single value per channel is fine.
     ours.eval(), ref.eval()
@@ -748,12 +753,7 @@ def test_wrong_channel_count_raises_with_the_shapes(options, training):
 @pytest.mark.parametrize("activation", [None, "relu"])
 def test_wrong_dims_raise_value_error_like_torch(cls_dims, shape, activation):
     ours, ref = bn_pair(cls_dims, 3, activation=activation)
-    x = torch.randn(shape)
-    with pytest.raises(ValueError) as expected:
-        ref(x)
-    with pytest.raises(ValueError) as got:
-        ours(x)
-    assert str(got.value) == str(expected.value)
+    assert_same_value_error(ours, ref, torch.randn(shape))
 
 
 @pytest.mark.parametrize("bad_residual", [
