@@ -2,6 +2,7 @@
 #include <pybind11/pybind11.h>
 
 #include "common/cpu_isa.h"
+#include "dropout/dropout.h"
 #include "norm/batch_norm.h"
 #include "optim/optim.h"
 #ifdef DANLU_WITH_CUDA
@@ -10,6 +11,7 @@
 
 namespace py = pybind11;
 using danlu::BatchNormArgs;
+using danlu::DropoutArgs;
 using danlu::StepArgs;
 
 PYBIND11_MODULE(_C, m) {
@@ -88,7 +90,28 @@ PYBIND11_MODULE(_C, m) {
   m.def("batch_norm_backward_apply_cpu", &danlu::batch_norm_backward_apply_cpu, py::arg("args"),
         py::arg("num_threads"), no_gil);
 
+  py::class_<DropoutArgs>(m, "DropoutArgs")
+      .def(py::init<>())
+      .def_readwrite("dtype", &DropoutArgs::dtype)
+      .def_readwrite("numel", &DropoutArgs::numel)
+      .def_readwrite("x", &DropoutArgs::x)
+      .def_readwrite("y", &DropoutArgs::y)
+      .def_readwrite("residual", &DropoutArgs::residual)
+      .def_readwrite("bias", &DropoutArgs::bias)
+      .def_readwrite("bias_size", &DropoutArgs::bias_size)
+      .def_readwrite("mask", &DropoutArgs::mask)
+      .def_readwrite("seed", &DropoutArgs::seed)
+      .def_readwrite("offset", &DropoutArgs::offset)
+      .def_readwrite("threshold", &DropoutArgs::threshold)
+      .def_readwrite("divisor", &DropoutArgs::divisor);
+  m.def("dropout_forward_cpu", &danlu::dropout_forward_cpu, py::arg("args"), py::arg("num_threads"), no_gil);
+  m.def("dropout_backward_cpu", &danlu::dropout_backward_cpu, py::arg("args"), py::arg("num_threads"), no_gil);
+
 #ifdef DANLU_WITH_CUDA
+  m.def("dropout_forward_cuda", &danlu::dropout_forward_cuda, py::arg("args"), py::arg("device"), py::arg("stream"),
+        no_gil);
+  m.def("dropout_backward_cuda", &danlu::dropout_backward_cuda, py::arg("args"), py::arg("device"),
+        py::arg("stream"), no_gil);
   m.def("batch_norm_cuda_workspace_bytes", &danlu::batch_norm_cuda_workspace_bytes, py::arg("args"));
   m.def("batch_norm_stats_cuda", &danlu::batch_norm_stats_cuda, py::arg("args"), py::arg("device"),
         py::arg("stream"), py::arg("workspace"), no_gil);

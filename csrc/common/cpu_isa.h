@@ -11,4 +11,14 @@ std::string cpu_isa_name(CpuIsa isa);
 // For tests and benchmarks: force a variant; throws if the processor lacks it.
 void set_cpu_isa(const std::string& name);
 
+// Calls the variant of a kernel entry point compiled for the processor's ISA.
+template <class Generic, class Avx2, class Avx512, class... Args>
+void call_for_cpu_isa(Generic generic_fn, Avx2 avx2_fn, Avx512 avx512_fn, Args&&... args) {
+  switch (cpu_isa()) {
+    case CpuIsa::Avx512: return avx512_fn(args...);
+    case CpuIsa::Avx2: return avx2_fn(args...);
+    case CpuIsa::Generic: return generic_fn(args...);
+  }
+}
+
 }  // namespace danlu

@@ -1,6 +1,7 @@
 """Functional forms of danlu's kernels, with autograd."""
 
 from danlu._batch_norm import batch_norm_act
+from danlu._dropout import drop_path, dropout, dropout1d, dropout2d, dropout3d, dropout_add
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5):
@@ -8,4 +9,5 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     return batch_norm_act(input, running_mean, running_var, weight, bias, training, momentum, eps)
 
 
-__all__ = ["batch_norm", "batch_norm_act"]
+__all__ = ["batch_norm", "batch_norm_act", "drop_path", "dropout", "dropout1d", "dropout2d", "dropout3d",
+           "dropout_add"]

@@ -1,0 +1,16 @@
+#pragma once
+// The per-element dropout math that the CPU loops and the CUDA kernels share (DESIGN.md principle 2).
+#include <cstdint>
+
+#include "common/macros.h"
+
+namespace danlu {
+
+// Element i is kept with probability threshold / 2^32.
+DANLU_HD bool is_kept(uint32_t philox_word, uint32_t threshold) { return philox_word < threshold; }
+
+// Kept: v / divisor, one rounding (exactly x / (1 - p) for dropout). Dropped: v * 0, as torch does, so an
+// inf or NaN in a dropped element still shows up as NaN instead of being hidden.
+template <typename M> DANLU_HD M drop(M v, bool kept, M divisor) { return kept ? v / divisor : v * M(0); }
+
+}  // namespace danlu

@@ -1,0 +1,240 @@
+"""Dropout over danlu's native kernels (csrc/dropout): masks drawn from Philox4x32-10 keyed by
+(seed, offset, element index), so one seed gives one mask on the CPU and on every GPU, and the backward
+reads a 1-bit mask (numel / 8 bytes) instead of a byte or a float per element.
+
+Elements are indexed in memory order: a dense tensor (contiguous, channels_last, transposed) is read in
+place; any other is processed as a contiguous copy (and, for inplace, copied back)."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from danlu import _C
+from danlu._native import DTYPE_CODES, check_cuda_built, is_dense
+
+MASK_BITS_PER_WORD = 32
+
+
+def check_probability(p, who="dropout"):
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"{who} probability has to be between 0 and 1, but got {p}")
+
+
+def draw_seed(generator: torch.Generator | None) -> int:
+    """A fresh 63-bit Philox key from `generator`, or from torch's default CPU generator whatever the
+    tensor's device: after torch.manual_seed(s) the CPU and CUDA runs draw the same keys and masks.
+    A CUDA generator works too, at the price of one device-to-host copy per call."""
+    g = torch.default_generator if generator is None else generator
+    return int(torch.empty((), dtype=torch.int64, device=g.device).random_(generator=g))
+
+
+def keep_threshold(keep_prob: float) -> int:
+    """Elements whose Philox word is below this are kept: P(keep) = threshold / 2^32."""
+    return min(round(keep_prob * 2.0**32), 2**32 - 1)
+
+
+def _native_args(x, keep_prob, divisor, seed, offset=0):
+    a = _C.DropoutArgs()
+    a.dtype, a.numel = DTYPE_CODES[x.dtype], x.numel()
+    a.seed, a.offset = seed, offset
+    a.threshold, a.divisor = keep_threshold(keep_prob), divisor
+    return a
+
+
+def _run(op, device, args):
+    if device.type == "cpu":
+        getattr(_C, f"dropout_{op}_cpu")(args, torch.get_num_threads())
+    else:
+        getattr(_C, f"dropout_{op}_cuda")(args, device.index, torch.cuda.current_stream(device).cuda_stream)
+
+
+def mask_words(numel: int) -> int:
+    return (numel + MASK_BITS_PER_WORD - 1) // MASK_BITS_PER_WORD
+
+
+def draw(x, keep_prob, divisor, seed, offset=0, *, out=None, residual=None, bias=None, mask=None):
+    """out = residual + drop(x + bias) in x's memory order; fills `mask` (int32 words) when given.
+    x, out and residual share one dense layout; bias has x.shape[-1] elements and x is contiguous."""
+    out = torch.empty_like(x) if out is None else out
+    a = _native_args(x, keep_prob, divisor, seed, offset)
+    a.x, a.y = x.data_ptr(), out.data_ptr()
+    if residual is not None:
+        a.residual = residual.data_ptr()
+    if bias is not None:
+        a.bias, a.bias_size = bias.data_ptr(), bias.numel()
+    if mask is not None:
+        a.mask = mask.data_ptr()
+    _run("forward", x.device, a)
+    return out
+
+
+def apply_mask(grad, mask, divisor):
+    """drop(grad) with the kept elements read from `mask`."""
+    out = torch.empty_like(grad)
+    a = _native_args(grad, 1.0, divisor, 0)
+    a.x, a.y, a.mask = grad.data_ptr(), out.data_ptr(), mask.data_ptr()
+    _run("backward", grad.device, a)
+    return out
+
+
+def in_layout_of(t, strides):
+    """t (same shape) in the dense layout of `strides`, copied only if its own strides differ (strides of
+    dimensions of size 1 do not matter)."""
+    if all(s == r for s, r, n in zip(t.stride(), strides, t.shape) if n != 1):
+        return t
+    return torch.empty_strided(t.shape, strides, dtype=t.dtype, device=t.device).copy_(t)
+
+
+class DropoutFunction(torch.autograd.Function):
+    """y = residual + drop(x + bias): one native pass forward, one back. Saves only the 1-bit mask."""
+
+    @staticmethod
+    def forward(ctx, x, residual, bias, keep_prob, seed, inplace):
+        dense = x if is_dense(x) else x.contiguous()
+        if residual is not None:
+            residual = in_layout_of(residual, dense.stride())
+        mask = torch.empty(mask_words(x.numel()), dtype=torch.int32, device=x.device)
+        out = dense if inplace else None
+        y = draw(dense, keep_prob, keep_prob, seed, out=out, residual=residual, bias=bias, mask=mask)
+        if inplace:
+            if y is not x:  # x was not dense: the kernel wrote a contiguous copy
+                x.copy_(y)
+            ctx.mark_dirty(x)
+            y = x
+        ctx.save_for_backward(mask)
+        ctx.keep_prob, ctx.strides = keep_prob, dense.stride()
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        (mask,) = ctx.saved_tensors
+        need_x, need_residual, need_bias = ctx.needs_input_grad[:3]
+        dx = apply_mask(in_layout_of(dy, ctx.strides), mask, ctx.keep_prob) if need_x or need_bias else None
+        dbias = dx.reshape(-1, dx.shape[-1]).sum(0) if need_bias else None
+        return dx if need_x else None, dy if need_residual else None, dbias, None, None, None
+
+
+def check_input(x, who, **others):
+    """x is a floating tensor of a supported dtype; every other tensor matches its device and dtype."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{who}: input must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in DTYPE_CODES:
+        raise TypeError(f"{who}: input dtype {x.dtype} is not supported (float32, float64, float16, bfloat16)")
+    if x.layout != torch.strided:
+        raise TypeError(f"{who}: input must be a dense (strided) tensor, got layout {x.layout}")
+    for name, t in others.items():
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{who}: {name} must be a torch.Tensor or None, got {type(t).__name__}")
+        if t.device != x.device:
+            raise ValueError(f"{who}: {name} is on {t.device} but the input is on {x.device}")
+        if t.dtype != x.dtype:
+            raise ValueError(f"{who}: {name} has dtype {t.dtype} but the input has {x.dtype}")
+    check_cuda_built(x.device)
+
+
+def dropout(input, p=0.5, training=True, inplace=False, generator=None):
+    """torch.nn.functional.dropout on Philox masks: kept elements are exactly input / (1 - p)."""
+    check_probability(p)
+    check_input(input, "danlu dropout")
+    if p == 0 or not training or input.numel() == 0:
+        return input
+    return DropoutFunction.apply(input, None, None, 1.0 - p, draw_seed(generator), inplace)
+
+
+def dropout_add(x, residual, p=0.5, training=True, bias=None, generator=None):
+    """residual + dropout(x + bias) in one pass, with a fused backward. bias broadcasts against x."""
+    check_probability(p)
+    check_input(x, "danlu dropout_add", residual=residual, bias=bias)
+    if residual.shape != x.shape:
+        raise ValueError(f"danlu dropout_add: residual has shape {tuple(residual.shape)}, expected the input's "
+                         f"{tuple(x.shape)}")
+    if bias is not None and torch.broadcast_shapes(bias.shape, x.shape) != x.shape:
+        raise ValueError(f"danlu dropout_add: bias of shape {tuple(bias.shape)} does not broadcast to the "
+                         f"input's {tuple(x.shape)}")
+    if p == 0 or not training or x.numel() == 0:
+        return residual + (x if bias is None else x + bias)
+    if bias is not None and not (bias.numel() == x.shape[-1] and x.is_contiguous()):
+        x, bias = x + bias, None  # a bias the kernel cannot index as bias[i % H]: added by torch first
+    if bias is not None:
+        bias = bias.reshape(-1).contiguous()
+    return DropoutFunction.apply(x, residual, bias, 1.0 - p, draw_seed(generator), False)
+
+
+def scaled_bernoulli(shape, keep_prob, divisor, like, generator=None):
+    """A tensor of `shape` in like's dtype and device: 1 / divisor with probability keep_prob, else 0.
+    The small masks of channel and sample dropout, applied with one broadcasting multiply."""
+    ones = torch.ones(shape, dtype=like.dtype, device=like.device)
+    return draw(ones, keep_prob, divisor, draw_seed(generator), out=ones)
+
+
+def feature_dropout(input, p, training, inplace, generator=None):
+    """Whole channels dropped: the mask has one value per (sample, channel), like torch's feature_dropout."""
+    if p == 0 or not training or input.numel() == 0:
+        return input
+    if input.dim() < 2:
+        raise RuntimeError("danlu feature dropout: requires at least 2 dimensions in the input")
+    keep_prob = 1.0 - p
+    divisor = keep_prob if keep_prob > 0 else 1.0  # p = 1 keeps nothing: nothing is divided
+    mask = scaled_bernoulli(input.shape[:2] + (1,) * (input.dim() - 2), keep_prob, divisor, input, generator)
+    return input.mul_(mask) if inplace else input * mask
+
+
+def drop_path(x, p=0.0, training=False, scale_by_keep=True, generator=None):
+    """Stochastic depth (timm's drop_path): whole samples dropped, kept ones scaled by 1 / (1 - p)."""
+    check_probability(p, "drop_path")
+    check_input(x, "danlu drop_path")
+    if p == 0 or not training or x.numel() == 0:
+        return x
+    keep_prob = 1.0 - p
+    divisor = keep_prob if scale_by_keep and keep_prob > 0 else 1.0
+    return x * scaled_bernoulli((x.shape[0],) + (1,) * (x.dim() - 1), keep_prob, divisor, x, generator)
+
+
+
+def _warn_channel_dims(name, dims, spatial):
+    warnings.warn(f"{name}: received a {dims}-D input; {name} exists for inputs with {spatial} spatial "
+                  f"dimension(s), a channel dimension and an optional batch dimension, as in torch "
+                  f"(whose {name} deprecates other inputs). Use dropout for elementwise masks.", stacklevel=3)
+
+
+def dropout1d(input, p=0.5, training=True, inplace=False, generator=None):
+    """torch.nn.functional.dropout1d: whole channels of (N, C, L) or (C, L) inputs dropped."""
+    check_probability(p)
+    check_input(input, "danlu dropout1d")
+    if input.dim() not in (2, 3):
+        raise RuntimeError(f"dropout1d: Expected 2D or 3D input, but received a {input.dim()}D input "
+                           "(channel-wise dropout of inputs with 1 spatial dimension and an optional batch "
+                           "dimension)")
+    return _feature_dropout_batched(input, input.dim() == 3, p, training, inplace, generator)
+
+
+def dropout2d(input, p=0.5, training=True, inplace=False, generator=None):
+    """torch.nn.functional.dropout2d, including its treatment of 3-D inputs as (N, C, L)."""
+    check_probability(p)
+    check_input(input, "danlu dropout2d")
+    if input.dim() not in (3, 4):
+        _warn_channel_dims("dropout2d", input.dim(), 2)
+    if input.dim() == 3:
+        warnings.warn("dropout2d: received a 3-D input; as torch does, it is read as (N, C, L) and channel-wise "
+                      "1D dropout is applied. Use dropout1d for that.", stacklevel=2)
+    return _feature_dropout_batched(input, True, p, training, inplace, generator)
+
+
+def dropout3d(input, p=0.5, training=True, inplace=False, generator=None):
+    """torch.nn.functional.dropout3d: whole channels of (N, C, D, H, W) or (C, D, H, W) inputs dropped."""
+    check_probability(p)
+    check_input(input, "danlu dropout3d")
+    if input.dim() not in (4, 5):
+        _warn_channel_dims("dropout3d", input.dim(), 3)
+    return _feature_dropout_batched(input, input.dim() == 5, p, training, inplace, generator)
+
+
+def _feature_dropout_batched(input, batched, p, training, inplace, generator):
+    if batched:
+        return feature_dropout(input, p, training, inplace, generator)
+    out = feature_dropout(input.unsqueeze(0), p, training, inplace, generator)
+    return input if inplace else out.squeeze(0)
