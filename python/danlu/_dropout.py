@@ -70,10 +70,10 @@ def draw(x, keep_prob, divisor, seed, offset=0, *, out=None, residual=None, bias
     return out
 
 
-def apply_mask(grad, mask, divisor):
-    """drop(grad) with the kept elements read from `mask`."""
+def apply_mask(grad, mask, keep_prob):
+    """drop(grad) with the kept elements read from `mask`, which was drawn with keep_prob."""
     out = torch.empty_like(grad)
-    a = _native_args(grad, 1.0, divisor, 0)
+    a = _native_args(grad, keep_prob, keep_prob, 0)
     a.x, a.y, a.mask = grad.data_ptr(), out.data_ptr(), mask.data_ptr()
     _run("backward", grad.device, a)
     return out
@@ -145,6 +145,13 @@ def dropout(input, p=0.5, training=True, inplace=False, generator=None):
     return DropoutFunction.apply(input, None, None, 1.0 - p, draw_seed(generator), inplace)
 
 
+def _broadcasts_to(shape, target):
+    try:
+        return torch.broadcast_shapes(shape, target) == target
+    except RuntimeError:
+        return False
+
+
 def dropout_add(x, residual, p=0.5, training=True, bias=None, generator=None):
     """residual + dropout(x + bias) in one pass, with a fused backward. bias broadcasts against x."""
     check_probability(p)
@@ -152,7 +159,7 @@ def dropout_add(x, residual, p=0.5, training=True, bias=None, generator=None):
     if residual.shape != x.shape:
         raise ValueError(f"danlu dropout_add: residual has shape {tuple(residual.shape)}, expected the input's "
                          f"{tuple(x.shape)}")
-    if bias is not None and torch.broadcast_shapes(bias.shape, x.shape) != x.shape:
+    if bias is not None and not _broadcasts_to(bias.shape, x.shape):
         raise ValueError(f"danlu dropout_add: bias of shape {tuple(bias.shape)} does not broadcast to the "
                          f"input's {tuple(x.shape)}")
     if p == 0 or not training or x.numel() == 0:
@@ -234,7 +241,7 @@ def dropout3d(input, p=0.5, training=True, inplace=False, generator=None):
 
 
 def _feature_dropout_batched(input, batched, p, training, inplace, generator):
-    if batched:
+    if batched or p == 0 or not training:  # (the identity cases return the input itself, not a view)
         return feature_dropout(input, p, training, inplace, generator)
     out = feature_dropout(input.unsqueeze(0), p, training, inplace, generator)
     return input if inplace else out.squeeze(0)
