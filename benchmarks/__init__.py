@@ -5,6 +5,6 @@ device's copy bandwidth, measured in the same run (DESIGN.md principle 7).
 
 Modules: harness (modes, cases, timing, the family registry), bandwidth (the copy limit), shapes
 (parameter shapes of real models), report (table, files, charts, progress), and one module per
-kernel family (optim, batchnorm; dropout to come) that turns (device, mode) into cases.
+kernel family (optim, batchnorm, dropout) that turns (device, mode) into cases.
 See benchmarks/README.md.
 """

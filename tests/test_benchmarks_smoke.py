@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `benchmarks` is a folder of the checkout, not part of the installed package
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import batchnorm, harness, optim, shapes  # noqa: E402
+from benchmarks import batchnorm, dropout, harness, optim, shapes  # noqa: E402
 
 IMPLS = {"danlu", "torch-forloop", "torch-foreach", "torch-fused"}
 
@@ -27,7 +27,7 @@ def run_harness(*args):
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench-out")
-    result = run_harness("--device", "cpu", "--smoke", "--only", "optim,batchnorm", "--out", str(out))
+    result = run_harness("--device", "cpu", "--smoke", "--only", "optim,batchnorm,dropout", "--out", str(out))
     assert result.returncode == 0, result.stdout + result.stderr
     return out, result.stdout, json.loads((out / "results.json").read_text())
 
@@ -126,10 +126,24 @@ def test_batchnorm_grids():
     assert all(case.name.startswith("BN-") for case in quick if case.dtype == torch.bfloat16)
 
 
-def test_unwritten_and_unknown_families(tmp_path):
-    result = run_harness("--device", "cpu", "--smoke", "--only", "dropout", "--out", str(tmp_path))
-    assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert "dropout" in result.stderr
+def test_dropout_rows(smoke):
+    _, _, results = smoke
+    rows = [r for r in results["rows"] if r["family"] == "dropout"]
+    assert not [s for s in results["skipped"] if s["case"].startswith(("Dropout", "dropout_add"))]
+    assert sorted((r["case"], r["impl"]) for r in rows) == sorted(
+        (case.name, impl.name) for case in dropout.cases(torch.device("cpu"), harness.MODES["smoke"])
+        for impl in case.impls)
+    assert {r["impl"] for r in rows if r["case"].startswith("Dropout-")} == {"danlu", "danlu-regenerate", "torch"}
+    for row in rows:
+        variant, pass_ = row["case"].split("/")[0].rsplit("-", 1)
+        itemsize = {"float32": 4, "bfloat16": 2}[row["dtype"]]
+        streams = 2 + (variant == "dropout_add") + 2 * (pass_ == "train")
+        mask_bytes = row["numel"] // 8 * (2 if pass_ == "train" else 1)
+        assert row["bytes_moved"] == streams * row["numel"] * itemsize + mask_bytes
+        assert row["ms"] > 0 and row["gbps"] > 0 and row["speedup"] > 0
+
+
+def test_unknown_families(tmp_path):
     result = run_harness("--only", "optimz", "--out", str(tmp_path))
     assert result.returncode == 2 and "known: optim" in result.stderr and "Traceback" not in result.stderr
 
