@@ -6,6 +6,7 @@ import torch  # noqa: F401
 
 from danlu import _C
 from danlu import functional, nn, optim
+from danlu import _ops  # noqa: F401  (registers the custom ops that torch.compile traces)
 
 __version__ = "0.1.0"
 

@@ -1,5 +1,7 @@
-"""BatchNorm over danlu's native kernels: the autograd Function behind danlu.functional.batch_norm,
-BatchNorm*d and BatchNormAct*d. The native side gets x viewed as [rows, channels, inner]."""
+"""BatchNorm over danlu's native kernels: batch_norm_act behind danlu.functional.batch_norm, BatchNorm*d and
+BatchNormAct*d, and the native forward and backward that both its paths call: the autograd Function in eager
+mode, the custom ops of danlu/_ops.py under torch.compile. The native side gets x viewed as
+[rows, channels, inner]."""
 
 from __future__ import annotations
 
@@ -31,15 +33,20 @@ def _stat_dtype(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _ptr(t):
-    return t.data_ptr() if t is not None else 0
+def _as(t, dtype):
+    """t in dtype; skips .to() where it would return t anyway: the call alone costs most of a microsecond."""
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
+_CPU_OPS = {op: getattr(_C, f"batch_norm_{op}_cpu") for op in ("stats", "forward", "backward_reduce", "backward_apply")}
 
 
 class _Native:
     """Calls one native op on the CPU or on CUDA with the args filled from tensors."""
 
-    def __init__(self, x, rows, channels, inner, activation, act_param):
+    def __init__(self, x, rows, channels, inner, activation=0, act_param=0.0):
         self.device = x.device
+        self.on_cpu = x.is_cpu
         a = self.args = _C.BatchNormArgs()
         a.dtype, a.rows, a.channels, a.inner = DTYPE_CODES[x.dtype], rows, channels, inner
         a.activation, a.act_param = activation, float(act_param)
@@ -47,9 +54,9 @@ class _Native:
     def run(self, op, **tensors):
         a = self.args
         for name, t in tensors.items():
-            setattr(a, name, _ptr(t))
-        if self.device.type == "cpu":
-            getattr(_C, f"batch_norm_{op}_cpu")(a, torch.get_num_threads())
+            setattr(a, name, 0 if t is None else t.data_ptr())
+        if self.on_cpu:
+            _CPU_OPS[op](a, torch.get_num_threads())
             return
         stream = torch.cuda.current_stream(self.device).cuda_stream
         if op in ("stats", "backward_reduce"):
@@ -59,71 +66,91 @@ class _Native:
             getattr(_C, f"batch_norm_{op}_cuda")(a, self.device.index, stream)
 
 
-class BatchNormFunction(torch.autograd.Function):
-    """y = act(batch_norm(x) + residual), one pass forward, one reduction and one elementwise pass back.
+# The three native steps, on tensors as readable_inputs gives them. Eager calls use them directly; under
+# torch.compile they run as the custom ops of danlu/_ops.py. Statistics (mean, invstd) are float32, float64
+# for float64 x.
 
-    Saves x (and the residual the caller holds anyway) and per-channel statistics; the backward
-    recomputes the pre-activation from them instead of keeping another full-size tensor."""
+
+def native_stats(x):
+    """(mean, M2): per channel, the mean of x and the sum of squared deviations from it."""
+    rows, channels, inner, _ = layout_of(x)
+    mean = x.new_empty(channels, dtype=_stat_dtype(x))
+    m2 = torch.empty_like(mean)
+    _Native(x, rows, channels, inner).run("stats", x=x, out_mean=mean, out_m2=m2)
+    return mean, m2
+
+
+def native_forward(x, residual, weight, bias, mean, invstd, batch_stats, activation, act_param):
+    """y = act(batch_norm(x) + residual), in x's memory format. batch_stats (whether mean and invstd are
+    this batch's) only matters to the backward."""
+    rows, channels, inner, fmt = layout_of(x)
+    y = torch.empty_like(x, memory_format=fmt)
+    stat = mean.dtype
+    _Native(x, rows, channels, inner, activation, act_param).run(
+        "forward", x=x, residual=residual, y=y, mean=mean, invstd=invstd, weight=_as(weight, stat),
+        bias=_as(bias, stat))
+    return y
+
+
+def native_backward(dy, x, residual, weight, bias, mean, invstd, batch_stats, activation, act_param, output_mask):
+    """(dx, dresidual, dweight, dbias) of native_forward for the output grad dy, with None for those that
+    output_mask (four bools) does not ask for. With batch_stats, dx includes the statistics' dependence on x.
+    One reduction pass (skipped where no grad needs it) and one elementwise pass that recomputes the
+    pre-activation from x and the statistics instead of reading a saved copy."""
+    rows, channels, inner, fmt = layout_of(x)
+    need_x, need_res, need_w, need_b = output_mask
+    dy = dy.contiguous(memory_format=fmt)
+    native = _Native(x, rows, channels, inner, activation, act_param)
+    stat = mean.dtype
+    w, b = _as(weight, stat), _as(bias, stat)
+    sum_dz = x.new_empty(channels, dtype=stat)
+    sum_dz_xhat = torch.empty_like(sum_dz)
+    if need_w or need_b or (need_x and batch_stats):
+        native.run("backward_reduce", x=x, residual=residual, dy=dy, mean=mean, invstd=invstd, weight=w,
+                   bias=b, sum_dz=sum_dz, sum_dz_xhat=sum_dz_xhat)
+    # The kernel writes dx, and dresidual whenever there is a residual: it recomputes z with it anyway.
+    dx = dres = None
+    if need_x or need_res:
+        dx = torch.empty_like(x, memory_format=fmt)
+        dres = torch.empty_like(x, memory_format=fmt) if residual is not None else None
+        native.args.count = float(rows * inner)
+        native.args.batch_stats = batch_stats
+        native.run("backward_apply", x=x, residual=residual, dy=dy, dx=dx, dresidual=dres, mean=mean,
+                   invstd=invstd, weight=w, bias=b, sum_dz=sum_dz if batch_stats else None,
+                   sum_dz_xhat=sum_dz_xhat if batch_stats else None)
+    return (dx if need_x else None, dres if need_res else None, _as(sum_dz_xhat, weight.dtype) if need_w else None,
+            _as(sum_dz, bias.dtype) if need_b else None)
+
+
+def save_for_backward(ctx, inputs):
+    """Keeps what backward needs of native_forward's inputs: x, the residual that the caller holds anyway and
+    per-channel tensors, never another full-size tensor."""
+    x, residual, weight, bias, mean, invstd, batch_stats, activation, act_param = inputs
+    ctx.save_for_backward(x, residual, weight, bias, mean, invstd)
+    ctx.settings = (batch_stats, activation, act_param)
+
+
+def input_grads(ctx, dy, backward):
+    """The grads of native_forward's nine inputs, from backward: native_backward, or the custom op over it,
+    which gives empty tensors where native_backward gives None."""
+    need_x, need_res, need_w, need_b = needs = ctx.needs_input_grad[:4]
+    dx, dres, dw, db = backward(dy, *ctx.saved_tensors, *ctx.settings, needs)
+    return (dx if need_x else None, dres if need_res else None, dw if need_w else None, db if need_b else None,
+            None, None, None, None, None)
+
+
+class BatchNormFunction(torch.autograd.Function):
+    """native_forward and native_backward for eager autograd; the same inputs as native_forward. The
+    statistics get no grad: with batch_stats the input grad already includes what flows through them."""
 
     @staticmethod
-    def forward(ctx, x, residual, weight, bias, running_mean, running_var, use_batch_stats, momentum, eps,
-                activation, act_param):
-        rows, channels, inner, fmt = layout_of(x)
-        stat = _stat_dtype(x)
-        native = _Native(x, rows, channels, inner, activation, act_param)
-        w = weight.to(stat) if weight is not None else None
-        b = bias.to(stat) if bias is not None else None
-        count = rows * inner
-        if use_batch_stats:  # running stats given here are to be updated (training)
-            mean = torch.empty(channels, dtype=stat, device=x.device)
-            m2 = torch.empty_like(mean)
-            native.run("stats", x=x, out_mean=mean, out_m2=m2)
-            invstd = 1 / torch.sqrt(m2 / count + eps)
-            if running_mean is not None:
-                running_mean.mul_(1 - momentum).add_((mean * momentum).to(running_mean.dtype))
-            if running_var is not None:
-                unbiased = m2 / (count - 1) if count > 1 else torch.full_like(m2, math.nan)
-                running_var.mul_(1 - momentum).add_((unbiased * momentum).to(running_var.dtype))
-        else:
-            mean = running_mean.to(stat)
-            invstd = 1 / torch.sqrt(running_var.to(stat) + eps)
-        y = torch.empty_like(x, memory_format=fmt)
-        native.run("forward", x=x, residual=residual, y=y, mean=mean, invstd=invstd, weight=w, bias=b)
-        ctx.save_for_backward(x, residual, w, b, mean, invstd)
-        ctx.layout = (rows, channels, inner, fmt)
-        ctx.settings = (activation, act_param, use_batch_stats, count)
-        ctx.param_dtypes = (weight.dtype if weight is not None else None, bias.dtype if bias is not None else None)
-        ctx.has_residual = residual is not None
-        return y
+    def forward(ctx, *inputs):
+        save_for_backward(ctx, inputs)
+        return native_forward(*inputs)
 
     @staticmethod
     def backward(ctx, dy):
-        x, residual, w, b, mean, invstd = ctx.saved_tensors
-        rows, channels, inner, fmt = ctx.layout
-        activation, act_param, use_batch_stats, count = ctx.settings
-        dy = dy.contiguous(memory_format=fmt)
-        native = _Native(x, rows, channels, inner, activation, act_param)
-        stat = mean.dtype
-        sum_dz = torch.empty(channels, dtype=stat, device=x.device)
-        sum_dz_xhat = torch.empty_like(sum_dz)
-        need_x, need_res, need_w, need_b = (ctx.needs_input_grad[i] for i in range(4))
-        if need_w or need_b or (need_x and use_batch_stats):
-            native.run("backward_reduce", x=x, residual=residual, dy=dy, mean=mean, invstd=invstd, weight=w,
-                       bias=b, sum_dz=sum_dz, sum_dz_xhat=sum_dz_xhat)
-        # The kernel writes dx, and dresidual whenever there is a residual: it recomputes z with it anyway.
-        dx = dres = None
-        if need_x or need_res:
-            dx = torch.empty_like(x, memory_format=fmt)
-            dres = torch.empty_like(x, memory_format=fmt) if residual is not None else None
-            native.args.count = float(count)
-            native.args.batch_stats = use_batch_stats
-            native.run("backward_apply", x=x, residual=residual, dy=dy, dx=dx, dresidual=dres, mean=mean,
-                       invstd=invstd, weight=w, bias=b, sum_dz=sum_dz if use_batch_stats else None,
-                       sum_dz_xhat=sum_dz_xhat if use_batch_stats else None)
-        w_dtype, b_dtype = ctx.param_dtypes
-        dw = sum_dz_xhat.to(w_dtype) if need_w else None
-        db = sum_dz.to(b_dtype) if need_b else None
-        return dx if need_x else None, dres if need_res else None, dw, db, None, None, None, None, None, None, None
+        return input_grads(ctx, dy, native_backward)
 
 
 def readable_inputs(x, residual, who):
@@ -173,10 +200,31 @@ def batch_norm_act(x, running_mean, running_var, weight=None, bias=None, trainin
     if x.numel() == 0:  # nothing to normalise; torch's own semantics for the buffers and the output
         y = torch.nn.functional.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
         return _activate(y + residual if residual is not None else y, activation, act_param)
-    momentum = 0.0 if momentum is None else momentum
-    return BatchNormFunction.apply(x, residual, weight, bias, running_mean, running_var, use_batch_stats,
-                                   momentum, eps, code,
-                                   default_param if act_param is None else act_param)
+    # torch.compile cannot trace into native calls: it gets them as the custom ops of danlu/_ops.py. Eager
+    # calls go around the dispatcher, which would add about 40 us to each forward on the CPU.
+    compiling = torch.compiler.is_compiling()
+    mean, invstd = _statistics(x, running_mean, running_var, use_batch_stats, 0.0 if momentum is None else momentum,
+                               eps, compiling)
+    inputs = (x, residual, weight, bias, mean, invstd, use_batch_stats, code,
+              default_param if act_param is None else act_param)
+    return torch.ops.danlu.batch_norm_forward(*inputs) if compiling else BatchNormFunction.apply(*inputs)
+
+
+def _statistics(x, running_mean, running_var, use_batch_stats, momentum, eps, compiling):
+    """(mean, invstd) to normalise x with: the running ones, or this batch's, which the running ones take in."""
+    stat = _stat_dtype(x)
+    if not use_batch_stats:
+        return _as(running_mean, stat), (_as(running_var, stat) + eps).rsqrt_()
+    # Detached for the op: it has no autograd formula, since the backward of the normalisation includes what
+    # flows through the statistics.
+    mean, m2 = torch.ops.danlu.batch_norm_stats(x.detach()) if compiling else native_stats(x)
+    count = x.numel() // x.shape[1]
+    # lerp_ with a Python weight is one op; (1 - momentum) * r + momentum * s with Python scalars is four.
+    if running_mean is not None:
+        running_mean.lerp_(_as(mean, running_mean.dtype), momentum)
+    if running_var is not None:  # one value per channel: 0 / 0 = NaN, torch's unbiased variance of it
+        running_var.lerp_(_as(m2 / (count - 1), running_var.dtype), momentum)
+    return mean, m2.div_(count).add_(eps).rsqrt_()  # in place: m2 is not needed any more
 
 
 def _activate(y, activation, act_param):

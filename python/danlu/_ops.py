@@ -1,0 +1,88 @@
+"""danlu's BatchNorm as torch.library custom ops: what torch.compile sees of it (DESIGN.md principle 6).
+
+batch_norm_act calls these only while torch.compile traces; eager calls go straight to native_stats and to
+BatchNormFunction, which run the same native functions without the dispatcher's cost. The ops are
+functional: the running statistics are updated by batch_norm_act with torch's own ops, which torch.compile
+traces (torch.library takes no autograd formula for an op that mutates its inputs). The fake
+implementations give outputs of the shapes, dtypes and memory formats the real ones give."""
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from danlu._batch_norm import (
+    _stat_dtype, input_grads, layout_of, native_backward, native_forward, native_stats, save_for_backward,
+)
+from danlu._native import same_layout
+
+
+def _checked_layout(op, x, residual=None):
+    """layout_of(x), where the native kernels can read x and residual in place. batch_norm_act makes them so
+    before it calls an op; a direct call with others gets this error instead of a misread."""
+    layout = layout_of(x)
+    if layout is None or (residual is not None and not same_layout(residual, x)):
+        raise ValueError(f"danlu::{op}: x must be contiguous, channels_last or channels_last_3d and residual laid "
+                         f"out as x; got x strides {x.stride()}, residual strides "
+                         f"{None if residual is None else residual.stride()}")
+    return layout
+
+
+@torch.library.custom_op("danlu::batch_norm_stats", mutates_args=())
+def batch_norm_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    """(mean, M2) per channel; see native_stats. No autograd formula: call it on a detached x."""
+    _checked_layout("batch_norm_stats", x)
+    return native_stats(x)
+
+
+@batch_norm_stats.register_fake
+def _stats_fake(x):
+    _checked_layout("batch_norm_stats", x)
+    mean = x.new_empty(x.shape[1], dtype=_stat_dtype(x))
+    return mean, torch.empty_like(mean)
+
+
+@torch.library.custom_op("danlu::batch_norm_forward", mutates_args=())
+def batch_norm_forward(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+                       mean: Tensor, invstd: Tensor, batch_stats: bool, activation: int, act_param: float) -> Tensor:
+    """y = act(batch_norm(x) + residual); see native_forward."""
+    _checked_layout("batch_norm_forward", x, residual)
+    return native_forward(x, residual, weight, bias, mean, invstd, batch_stats, activation, act_param)
+
+
+@batch_norm_forward.register_fake
+def _forward_fake(x, residual, weight, bias, mean, invstd, batch_stats, activation, act_param):
+    return torch.empty_like(x, memory_format=_checked_layout("batch_norm_forward", x, residual)[3])
+
+
+@torch.library.custom_op("danlu::batch_norm_backward", mutates_args=())
+def batch_norm_backward(dy: Tensor, x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
+                        bias: Optional[Tensor], mean: Tensor, invstd: Tensor, batch_stats: bool, activation: int,
+                        act_param: float, output_mask: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dresidual, dweight, dbias) of batch_norm_forward; see native_backward. An op returns no None: a
+    grad that output_mask does not ask for comes back as an empty tensor."""
+    _checked_layout("batch_norm_backward", x, residual)
+    grads = native_backward(dy, x, residual, weight, bias, mean, invstd, batch_stats, activation, act_param,
+                            output_mask)
+    return tuple(x.new_empty(0) if g is None else g for g in grads)
+
+
+@batch_norm_backward.register_fake
+def _backward_fake(dy, x, residual, weight, bias, mean, invstd, batch_stats, activation, act_param, output_mask):
+    fmt = _checked_layout("batch_norm_backward", x, residual)[3]
+    need_x, need_res, need_w, need_b = output_mask
+    return (torch.empty_like(x, memory_format=fmt) if need_x else x.new_empty(0),
+            torch.empty_like(x, memory_format=fmt) if need_res and residual is not None else x.new_empty(0),
+            weight.new_empty(weight.shape) if need_w else x.new_empty(0),
+            bias.new_empty(bias.shape) if need_b else x.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    save_for_backward(ctx, inputs)
+
+
+def _backward(ctx, dy):
+    return input_grads(ctx, dy, batch_norm_backward)
+
+
+batch_norm_forward.register_autograd(_backward, setup_context=_setup_context)
