@@ -925,3 +925,19 @@ def test_random_shapes_and_options_match_torch(dims, n, c, spatial, channels_las
     ref_fn = torch_act_reference(ref, activation, {}) if activation else ref
     train_and_compare(ours, ref, shape, memory_format=fmt, residual=residual and activation is not None,
                       ref_fn=ref_fn, steps=2, eval_steps=1, atol=2e-6, rtol=2e-5)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_strided_per_channel_tensors_are_read_as_views(training):
+    """weight, bias and running statistics that are strided views are read through their strides."""
+    c = 6
+    x = torch.randn(4, c, 5, 5)
+    storage = {name: torch.randn(2 * c) for name in ("weight", "bias", "mean")}
+    storage["var"] = torch.rand(2 * c) + 0.5
+    views = {name: t[::2] for name, t in storage.items()}
+    ref = {name: t.clone() for name, t in views.items()}
+    y = danlu.functional.batch_norm(x, views["mean"], views["var"], views["weight"], views["bias"], training)
+    expected = F.batch_norm(x, ref["mean"], ref["var"], ref["weight"], ref["bias"], training)
+    torch.testing.assert_close(y, expected, **FP32_TOL)
+    torch.testing.assert_close(views["mean"], ref["mean"], **FP32_TOL)
+    torch.testing.assert_close(views["var"], ref["var"], **FP32_TOL)

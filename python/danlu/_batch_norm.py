@@ -34,8 +34,12 @@ def _stat_dtype(x):
 
 
 def _as(t, dtype):
-    """t in dtype; skips .to() where it would return t anyway: the call alone costs most of a microsecond."""
-    return t if t is None or t.dtype == dtype else t.to(dtype)
+    """t as a contiguous tensor of dtype: the native kernels read per-channel tensors as plain arrays, so a
+    strided view (weight[::2]) must be copied. Skips the calls where they would return t anyway: each costs
+    most of a microsecond."""
+    if t is None or (t.dtype == dtype and t.is_contiguous()):
+        return t
+    return t.to(dtype).contiguous()
 
 
 _CPU_OPS = {op: getattr(_C, f"batch_norm_{op}_cpu") for op in ("stats", "forward", "backward_reduce", "backward_apply")}
