@@ -1,8 +1,8 @@
-"""danlu's BatchNorm under torch.compile: models with danlu.nn.BatchNorm2d, BatchNormAct2d and
-danlu.functional.batch_norm compile with fullgraph=True (no graph breaks) through the custom ops of
-danlu/_ops.py, and give what eager danlu gives: outputs, grads and running statistics over training steps
-(with parameter updates in between), then in eval mode. torch.library.opcheck checks each op's schema, fake
-implementation and autograd registration."""
+"""danlu under torch.compile: models with danlu.nn.BatchNorm2d, BatchNormAct2d, danlu.functional.batch_norm
+and the dropout family compile with fullgraph=True (no graph breaks) through the custom ops of danlu/_ops.py,
+and give what eager danlu gives: outputs, grads and running statistics over training steps (with parameter
+updates in between), then in eval mode; dropout masks are the same for the same seeds. torch.library.opcheck
+checks each op's schema, fake implementation and autograd registration."""
 
 from __future__ import annotations
 
@@ -191,3 +191,78 @@ def test_op_rejects_a_layout_the_kernels_cannot_read():
     mean, invstd = torch.zeros(3), torch.ones(3)
     with pytest.raises(ValueError, match="contiguous, channels_last"):
         torch.ops.danlu.batch_norm_forward(x, None, None, None, mean, invstd, True, *ACTIVATIONS["identity"])
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Dropout
+
+
+class DropoutBlock(torch.nn.Module):
+    """Every dropout variant in one block: elementwise, fused with a residual and a bias, channels, samples."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 6, 3, padding=1)
+        self.drop, self.drop2d, self.path = danlu.nn.Dropout(0.3), danlu.nn.Dropout2d(0.2), danlu.nn.DropPath(0.25)
+        self.bias = torch.nn.Parameter(torch.randn(7))
+
+    def forward(self, x):
+        h = self.drop2d(self.conv(x))
+        h = danlu.functional.dropout_add(h, self.path(h), 0.4, self.training, bias=self.bias)
+        return self.drop(h)
+
+
+def _dropout_run(fn, model, x, dy):
+    model.zero_grad(set_to_none=True)
+    xl = x.clone().requires_grad_()
+    y = fn(xl)
+    y.backward(dy)
+    return [y.detach(), xl.grad, *(p.grad for p in model.parameters())]
+
+
+def test_compiled_dropout_block_draws_the_eager_masks():
+    """aot_eager draws each call's Philox key from the default generator in the order eager does: with the same
+    torch.manual_seed the compiled block gives eager's outputs and grads bit for bit, step after step, and a
+    new key (a new mask) each step without recompiling."""
+    model = DropoutBlock()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    gen = torch.Generator().manual_seed(6)
+    x, dy = torch.randn(4, 3, 5, 7, generator=gen), torch.randn(4, 6, 5, 7, generator=gen)
+    torch.manual_seed(7)
+    eager = [_dropout_run(model, model, x, dy) for _ in range(3)]
+    torch.manual_seed(7)
+    traced = [_dropout_run(compiled, model, x, dy) for _ in range(3)]
+    for got, want in zip(traced, eager):
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, **BITWISE)
+    assert not torch.equal(eager[0][0], eager[1][0])
+    model.eval()
+    torch.testing.assert_close(compiled(x), model(x), **BITWISE)
+
+
+def test_compiled_inplace_dropout_writes_into_its_input():
+    def fn(x):
+        h = x * 2
+        return danlu.functional.dropout(h, 0.5, inplace=True) + 1
+
+    x = torch.randn(1000)
+    torch.manual_seed(8)
+    want = fn(x)
+    torch.manual_seed(8)
+    torch.testing.assert_close(torch.compile(fn, backend="aot_eager", fullgraph=True)(x), want, **BITWISE)
+
+
+@pytest.mark.parametrize("residual, bias, layout", [(False, False, "contiguous"), (True, True, "contiguous"),
+                                                    (False, False, "channels_last"), (True, False, "transposed")])
+def test_opcheck_dropout(residual, bias, layout):
+    x = torch.randn(2, 3, 4, 5)
+    x = {"contiguous": x, "channels_last": x.contiguous(memory_format=CHANNELS_LAST),
+         "transposed": x.transpose(1, 3)}[layout].requires_grad_()
+    r = torch.randn(x.shape, requires_grad=True) if residual else None
+    b = torch.randn(x.shape[-1], requires_grad=True) if bias else None
+    seed = torch.tensor(1234)
+    torch.library.opcheck(torch.ops.danlu.dropout.default, (x, r, b, 0.7, 0.7, seed))
+    _, mask = torch.ops.danlu.dropout(x.detach(), None, None, 0.7, 0.7, seed)
+    dy = torch.empty_like(x).copy_(torch.randn(x.shape))
+    torch.library.opcheck(torch.ops.danlu.dropout_backward.default, (dy.detach(), mask, 0.7))

@@ -62,7 +62,7 @@ def seed_of(generator_seed):
     """The Philox key a call draws from a generator seeded with generator_seed (or from the default generator
     after torch.manual_seed(generator_seed)): its first int64."""
     g = torch.Generator().manual_seed(generator_seed)
-    return int(torch.empty((), dtype=torch.int64).random_(generator=g))
+    return int(torch.randint(2**63 - 1, (), dtype=torch.int64, generator=g))
 
 
 def expected_dropout(x, keep, p):

@@ -22,12 +22,18 @@ def check_probability(p, who="dropout"):
         raise ValueError(f"{who} probability has to be between 0 and 1, but got {p}")
 
 
+def seed_tensor(generator: torch.Generator | None) -> torch.Tensor:
+    """A fresh 63-bit Philox key, as a 0-d int64 tensor, from `generator`, or from torch's default CPU generator
+    whatever the tensor's device: after torch.manual_seed(s) the CPU and CUDA runs draw the same keys and
+    masks. (Under torch.compile the key stays a tensor, so the graph does not specialise on its value.)"""
+    if generator is None:  # (torch.compile traces randint on the default generator, not a generator object)
+        return torch.randint(2**63 - 1, (), dtype=torch.int64)
+    return torch.randint(2**63 - 1, (), dtype=torch.int64, generator=generator, device=generator.device)
+
+
 def draw_seed(generator: torch.Generator | None) -> int:
-    """A fresh 63-bit Philox key from `generator`, or from torch's default CPU generator whatever the
-    tensor's device: after torch.manual_seed(s) the CPU and CUDA runs draw the same keys and masks.
-    A CUDA generator works too, at the price of one device-to-host copy per call."""
-    g = torch.default_generator if generator is None else generator
-    return int(torch.empty((), dtype=torch.int64, device=g.device).random_(generator=g))
+    """seed_tensor's key as an int. A CUDA generator works too, at the price of a device-to-host copy."""
+    return int(seed_tensor(generator))
 
 
 def keep_threshold(keep_prob: float) -> int:
@@ -70,10 +76,10 @@ def draw(x, keep_prob, divisor, seed, offset=0, *, out=None, residual=None, bias
     return out
 
 
-def apply_mask(grad, mask, keep_prob):
-    """drop(grad) with the kept elements read from `mask`, which was drawn with keep_prob."""
+def apply_mask(grad, mask, divisor):
+    """drop(grad) with the kept elements read from `mask` and kept ones divided by divisor."""
     out = torch.empty_like(grad)
-    a = _native_args(grad, keep_prob, keep_prob, 0)
+    a = _native_args(grad, divisor, divisor, 0)  # (the threshold is not used: the mask says what is kept)
     a.x, a.y, a.mask = grad.data_ptr(), out.data_ptr(), mask.data_ptr()
     _run("backward", grad.device, a)
     return out
@@ -87,33 +93,60 @@ def in_layout_of(t, strides):
     return torch.empty_strided(t.shape, strides, dtype=t.dtype, device=t.device).copy_(t)
 
 
+# The native forward and backward that both paths call: DropoutFunction in eager mode, the custom ops of
+# danlu/_ops.py under torch.compile.
+
+
+def native_forward(x, residual, bias, keep_prob, divisor, seed, inplace=False):
+    """(y, mask): y = residual + drop(x + bias) in x's dense layout (a contiguous copy's for other x), and the
+    1-bit mask. With inplace, y is x itself (written back if x is not dense). bias: x.shape[-1] values, x
+    contiguous (dropout_add makes it so)."""
+    dense = x if is_dense(x) else x.contiguous()
+    if residual is not None:
+        residual = in_layout_of(residual, dense.stride())
+    mask = torch.empty(mask_words(x.numel()), dtype=torch.int32, device=x.device)
+    y = draw(dense, keep_prob, divisor, seed, out=dense if inplace else None, residual=residual, bias=bias,
+             mask=mask)
+    if inplace and y is not x:  # x was not dense: the kernel wrote a contiguous copy
+        y = x.copy_(y)
+    return y, mask
+
+
+def input_grads(dy, mask, strides, divisor, needs, backward):
+    """Grads of (x, residual, bias) of native_forward for the output grad dy. backward: apply_mask, or the
+    custom op over it. The residual's grad is dy itself; the bias's, a column sum of x's."""
+    need_x, need_residual, need_bias = needs
+    dx = backward(in_layout_of(dy, strides), mask, divisor) if need_x or need_bias else None
+    dbias = dx.reshape(-1, dx.shape[-1]).sum(0) if need_bias else None
+    return dx if need_x else None, dy if need_residual else None, dbias
+
+
 class DropoutFunction(torch.autograd.Function):
-    """y = residual + drop(x + bias): one native pass forward, one back. Saves only the 1-bit mask."""
+    """native_forward for eager autograd (including inplace). Saves only the 1-bit mask."""
 
     @staticmethod
     def forward(ctx, x, residual, bias, keep_prob, seed, inplace):
-        dense = x if is_dense(x) else x.contiguous()
-        if residual is not None:
-            residual = in_layout_of(residual, dense.stride())
-        mask = torch.empty(mask_words(x.numel()), dtype=torch.int32, device=x.device)
-        out = dense if inplace else None
-        y = draw(dense, keep_prob, keep_prob, seed, out=out, residual=residual, bias=bias, mask=mask)
+        y, mask = native_forward(x, residual, bias, keep_prob, keep_prob, seed, inplace)
         if inplace:
-            if y is not x:  # x was not dense: the kernel wrote a contiguous copy
-                x.copy_(y)
             ctx.mark_dirty(x)
-            y = x
         ctx.save_for_backward(mask)
-        ctx.keep_prob, ctx.strides = keep_prob, dense.stride()
+        ctx.divisor, ctx.strides = keep_prob, y.stride()
         return y
 
     @staticmethod
     def backward(ctx, dy):
         (mask,) = ctx.saved_tensors
-        need_x, need_residual, need_bias = ctx.needs_input_grad[:3]
-        dx = apply_mask(in_layout_of(dy, ctx.strides), mask, ctx.keep_prob) if need_x or need_bias else None
-        dbias = dx.reshape(-1, dx.shape[-1]).sum(0) if need_bias else None
-        return dx if need_x else None, dy if need_residual else None, dbias, None, None, None
+        grads = input_grads(dy, mask, ctx.strides, ctx.divisor, ctx.needs_input_grad[:3], apply_mask)
+        return *grads, None, None, None
+
+
+def _dropout(x, residual, bias, keep_prob, generator, inplace=False):
+    """residual + drop(x + bias) with autograd: DropoutFunction, or the custom op while torch.compile traces
+    (which cannot trace into native calls; eager calls stay off the dispatcher, a few microseconds each)."""
+    if not torch.compiler.is_compiling():
+        return DropoutFunction.apply(x, residual, bias, keep_prob, draw_seed(generator), inplace)
+    y = torch.ops.danlu.dropout(x, residual, bias, keep_prob, keep_prob, seed_tensor(generator))[0]
+    return x.copy_(y) if inplace else y
 
 
 def check_input(x, who, **others):
@@ -142,7 +175,7 @@ def dropout(input, p=0.5, training=True, inplace=False, generator=None):
     check_input(input, "danlu dropout")
     if p == 0 or not training or input.numel() == 0:
         return input
-    return DropoutFunction.apply(input, None, None, 1.0 - p, draw_seed(generator), inplace)
+    return _dropout(input, None, None, 1.0 - p, generator, inplace)
 
 
 def _broadcasts_to(shape, target):
@@ -168,13 +201,15 @@ def dropout_add(x, residual, p=0.5, training=True, bias=None, generator=None):
         x, bias = x + bias, None  # a bias the kernel cannot index as bias[i % H]: added by torch first
     if bias is not None:
         bias = bias.reshape(-1).contiguous()
-    return DropoutFunction.apply(x, residual, bias, 1.0 - p, draw_seed(generator), False)
+    return _dropout(x, residual, bias, 1.0 - p, generator)
 
 
 def scaled_bernoulli(shape, keep_prob, divisor, like, generator=None):
     """A tensor of `shape` in like's dtype and device: 1 / divisor with probability keep_prob, else 0.
     The small masks of channel and sample dropout, applied with one broadcasting multiply."""
     ones = torch.ones(shape, dtype=like.dtype, device=like.device)
+    if torch.compiler.is_compiling():
+        return torch.ops.danlu.dropout(ones, None, None, keep_prob, divisor, seed_tensor(generator))[0]
     return draw(ones, keep_prob, divisor, draw_seed(generator), out=ones)
 
 

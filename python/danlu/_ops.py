@@ -1,7 +1,9 @@
-"""danlu's BatchNorm as torch.library custom ops: what torch.compile sees of it (DESIGN.md principle 6).
+"""danlu's BatchNorm and dropout as torch.library custom ops: what torch.compile sees of them (DESIGN.md
+principle 6).
 
-batch_norm_act calls these only while torch.compile traces; eager calls go straight to native_stats and to
-BatchNormFunction, which run the same native functions without the dispatcher's cost. The ops are
+batch_norm_act and the dropout functions call these only while torch.compile traces; eager calls go straight
+to the autograd Functions, which run the same native functions without the dispatcher's cost. Dropout's
+Philox key is a 0-d int64 tensor argument, so a compiled graph does not specialise on its value. The ops are
 functional: the running statistics are updated by batch_norm_act with torch's own ops, which torch.compile
 traces (torch.library takes no autograd formula for an op that mutates its inputs). The fake
 implementations give outputs of the shapes, dtypes and memory formats the real ones give."""
@@ -12,8 +14,17 @@ import torch
 from torch import Tensor
 
 from danlu._batch_norm import (
-    _stat_dtype, input_grads, layout_of, native_backward, native_forward, native_stats, save_for_backward,
+    _stat_dtype,
+    input_grads,
+    layout_of,
+    native_backward,
+    native_forward,
+    native_stats,
+    save_for_backward,
 )
+from danlu._dropout import apply_mask, is_dense, mask_words
+from danlu._dropout import input_grads as dropout_input_grads
+from danlu._dropout import native_forward as dropout_native_forward
 from danlu._native import same_layout
 
 
@@ -86,3 +97,43 @@ def _backward(ctx, dy):
 
 
 batch_norm_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("danlu::dropout", mutates_args=())
+def dropout(x: Tensor, residual: Optional[Tensor], bias: Optional[Tensor], keep_prob: float, divisor: float,
+            seed: Tensor) -> tuple[Tensor, Tensor]:
+    """(residual + drop(x + bias), 1-bit mask); see danlu._dropout.native_forward."""
+    return dropout_native_forward(x, residual, bias, keep_prob, divisor, int(seed))
+
+
+@dropout.register_fake
+def _dropout_fake(x, residual, bias, keep_prob, divisor, seed):
+    y = torch.empty_like(x) if is_dense(x) else x.new_empty(x.shape)  # dense x keeps its strides
+    return y, x.new_empty(mask_words(x.numel()), dtype=torch.int32)
+
+
+@torch.library.custom_op("danlu::dropout_backward", mutates_args=())
+def dropout_backward(dy: Tensor, mask: Tensor, divisor: float) -> Tensor:
+    """dy dropped with the kept elements read from mask; dy in the forward output's layout."""
+    return apply_mask(dy, mask, divisor)
+
+
+@dropout_backward.register_fake
+def _dropout_backward_fake(dy, mask, divisor):
+    return torch.empty_like(dy)
+
+
+def _dropout_setup_context(ctx, inputs, output):
+    y, mask = output
+    ctx.save_for_backward(mask)
+    ctx.divisor, ctx.strides = inputs[4], y.stride()
+
+
+def _dropout_grads(ctx, dy, dmask):
+    (mask,) = ctx.saved_tensors
+    grads = dropout_input_grads(dy, mask, ctx.strides, ctx.divisor, ctx.needs_input_grad[:3],
+                                torch.ops.danlu.dropout_backward)
+    return *grads, None, None, None
+
+
+dropout.register_autograd(_dropout_grads, setup_context=_dropout_setup_context)
