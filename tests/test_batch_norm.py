@@ -619,6 +619,86 @@ def test_batchnorm_act_dtypes_match_torch(activation, dtype, param_dtype, atol, 
                       **precision_kwargs(ref, dtype, param_dtype, activation))
 
 
+def whole_range(dtype):
+    """z of every magnitude from the smallest subnormal to the largest finite, both signs; a dense grid over
+    where the activations bend and exp under- and overflows; ±0, ±inf and NaN."""
+    info = torch.finfo(dtype)
+    magnitudes = torch.logspace(math.log10(info.smallest_normal * info.eps), math.log10(info.max), 20001,
+                                dtype=torch.float64)
+    edge = 120 if dtype == torch.float32 else 800
+    grid = torch.linspace(-edge, edge, 240001, dtype=torch.float64)
+    special = torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan], dtype=torch.float64)
+    return torch.cat([magnitudes, -magnitudes, grid, special]).to(dtype)
+
+
+def ulp(values, dtype):
+    """The spacing of `dtype` at |values|, in float64 (a subnormal's spacing near zero)."""
+    a = values.abs().to(dtype)
+    spacing = torch.nextafter(a, torch.tensor(math.inf, dtype=dtype)).double() - a.double()
+    return spacing.clamp(min=torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps)
+
+
+# Where a gradient formula subtracts nearly equal terms (s (1 - s), 1 - tanh^2, s (1 + z (1 - s)) with
+# s = sigmoid(z)), rounding leaves an error of a few eps times the size of those terms, in torch's float
+# kernels as in ours: the bound on the grad adds 4 eps times this size to its 4 ulp.
+GRAD_TERMS = {
+    "relu": torch.zeros_like,
+    "leaky_relu": torch.zeros_like,
+    "elu": torch.zeros_like,
+    "silu": lambda z: torch.sigmoid(z) * (1 + z.abs()),
+    "sigmoid": torch.sigmoid,
+    "tanh": torch.ones_like,
+}
+
+
+def act_and_grad(fn, z, param):
+    """fn(z, param) and its derivative at every z (autograd with dy = 1)."""
+    z = z.clone().requires_grad_()
+    y = fn(z, param)
+    y.backward(torch.ones_like(y))
+    return y.detach(), z.grad
+
+
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float64, id="fp64")])
+@pytest.mark.parametrize("activation, act_kwargs", [
+    pytest.param("relu", {}, id="relu"),
+    pytest.param("leaky_relu", {"negative_slope": 0.2}, id="leaky_relu-0.2"),
+    pytest.param("elu", {"alpha": 0.7}, id="elu-0.7"),
+    pytest.param("silu", {}, id="silu"),
+    pytest.param("sigmoid", {}, id="sigmoid"),
+    pytest.param("tanh", {}, id="tanh"),
+])
+def test_activation_accuracy_over_the_whole_range(activation, act_kwargs, dtype, restore_cpu_isa):
+    """act(z) within 4 ulp of torch's act in float64 for every z, and act'(z) within 4 ulp plus 4 eps times
+    GRAD_TERMS; or else exactly torch's value in `dtype` (torch's own float32 silu and sigmoid are 0 below
+    z = -88.7, where the float64 ones are not); inf and NaN exactly where torch has them; the same bits on
+    every CPU ISA. An eval BatchNormAct with x = 0 and default statistics and affine computes
+    act(0 + residual) = act(z), and the residual's grad is act'(z) for dy = 1."""
+    z = whole_range(dtype)
+    ours = []
+    for isa in supported_isas():
+        _C.set_cpu_isa(isa)
+        bn = danlu.nn.BatchNormAct1d(1, activation=activation, **act_kwargs).to(dtype).eval()
+        y, grad = act_and_grad(lambda r, _: bn(torch.zeros_like(r), r), z.view(-1, 1), None)
+        ours.append((y.view(-1), grad.view(-1)))
+    for other in ours[1:]:
+        assert all(torch.equal(a.view(torch.int8), b.view(torch.int8)) for a, b in zip(other, ours[0]))
+
+    fn, param_name, default = TORCH_ACTIVATIONS[activation]
+    param = act_kwargs.get(param_name, default)
+    eps, terms = torch.finfo(dtype).eps, GRAD_TERMS[activation](z.double())
+    comparisons = zip(("act", "grad"), ours[0], act_and_grad(fn, z.double(), param), act_and_grad(fn, z, param),
+                      (0 * terms, terms))
+    for name, got, wide, same_dtype, bound_terms in comparisons:
+        special = ~torch.isfinite(wide.to(dtype)) | ~torch.isfinite(same_dtype)
+        assert torch.equal(got[special].nan_to_num(0.5), same_dtype[special].nan_to_num(0.5)), \
+            f"{name}: at z = {z[special].tolist()}, {got[special].tolist()}; torch {same_dtype[special].tolist()}"
+        error = (got.double() - wide).abs()
+        bad = ~special & ~(error <= 4 * ulp(wide, dtype) + 4 * eps * bound_terms) & (got != same_dtype)
+        assert not bad.any(), (f"{name}: {int(bad.sum())} values out of bounds, e.g. at z = {z[bad][:4].tolist()}: "
+                               f"{got[bad][:4].tolist()}, torch in float64 {wide[bad][:4].tolist()}")
+
+
 @pytest.mark.parametrize("options", [{}, {"affine": False}, {"track_running_stats": False}, {"momentum": None}])
 def test_batchnorm_act_state_dict_is_batchnorm2d(options):
     act = danlu.nn.BatchNormAct2d(5, activation="elu", alpha=0.5, **options)

@@ -3,11 +3,16 @@
 // order. No float atomics, so the same input gives the same bits every run.
 //   NCHW (inner > 1): a block owns one channel and one split of its rows * inner elements.
 //   channels last (inner == 1): a block owns 32 channels (coalesced) and one split of the rows.
+// Threads move runs of W = 16 / sizeof(T) consecutive elements, with one 16-byte access per tensor
+// where every pointer is aligned (common/vec16.h): the elementwise kernels everywhere, the reductions
+// where a run never crosses a row of a channel (NCHW with W dividing inner). The runs are the same
+// whether or not they are read as vectors, so alignment never changes the order of a sum.
 #include <algorithm>
 #include <type_traits>
 
 #include "common/cuda_runtime.h"
 #include "common/dtype.h"
+#include "common/vec16.h"
 #include "norm/batch_norm.h"
 #include "norm/batch_norm_math.h"
 
@@ -34,19 +39,27 @@ Grid reduction_grid(const BatchNormArgs& a) {
   return {channel_blocks, splits};
 }
 
-// Visits the elements of this thread's share of (channel, split): fn(c, index into x).
-template <class Fn> __device__ void for_each_owned(const BatchNormArgs& a, int64_t splits, Fn&& fn) {
-  const int64_t split = blockIdx.y;
+// The channel this thread reduces (channels last: may be past the last channel).
+__device__ int64_t owned_channel(const BatchNormArgs& a) {
+  return a.inner > 1 ? int64_t(blockIdx.x) : int64_t(blockIdx.x) * kChannelTile + threadIdx.x % kChannelTile;
+}
+
+// Visits this thread's share of (channel, split) as runs: fn(i, n) for the n consecutive elements of x
+// from index i. When W divides inner (NCHW), runs are W long and the splits fall between runs, so a run
+// never crosses a row of the channel; otherwise every run is one element.
+template <int W, class Fn> __device__ void for_each_owned(const BatchNormArgs& a, int64_t splits, Fn&& fn) {
+  const int64_t split = blockIdx.y, c = owned_channel(a);
   if (a.inner > 1) {
-    const int64_t c = blockIdx.x, per_channel = a.rows * a.inner;
-    const int64_t lo = per_channel * split / splits, hi = per_channel * (split + 1) / splits;
-    for (int64_t m = lo + threadIdx.x; m < hi; m += kThreads)
-      fn(c, (m / a.inner * a.channels + c) * a.inner + m % a.inner);
+    const int64_t run = a.inner % W == 0 ? W : 1, runs = a.rows * a.inner / run;
+    const int64_t lo = runs * split / splits, hi = runs * (split + 1) / splits;
+    for (int64_t m = lo + threadIdx.x; m < hi; m += kThreads) {
+      const int64_t e = m * run;  // index within the channel's rows * inner elements
+      fn((e / a.inner * a.channels + c) * a.inner + e % a.inner, int(run));
+    }
   } else {
-    const int64_t c = int64_t(blockIdx.x) * kChannelTile + threadIdx.x % kChannelTile;
     if (c >= a.channels) return;
     const int64_t lo = a.rows * split / splits, hi = a.rows * (split + 1) / splits;
-    for (int64_t r = lo + threadIdx.x / kChannelTile; r < hi; r += kRowLanes) fn(c, r * a.channels + c);
+    for (int64_t r = lo + threadIdx.x / kChannelTile; r < hi; r += kRowLanes) fn(r * a.channels + c, 1);
   }
 }
 
@@ -77,15 +90,23 @@ template <typename M> struct Sums {
 template <typename T> __global__ void __launch_bounds__(kThreads) stats_kernel(BatchNormArgs a, int64_t splits,
                                                                                  Moments<math_t<T>>* partial) {
   using M = math_t<T>;
+  constexpr int W = Vec16<T>::kWidth;
+  const T* x = ptr<const T>(a.x);
+  const bool aligned = aligned16(x);
   Moments<M> acc;
-  for_each_owned(a, splits, [&](int64_t, int64_t i) {
-    const M x = load_as<M>(ptr<const T>(a.x) + i);
-    acc.count = acc.count + M(1);
-    const M delta = x - acc.mean;
-    acc.mean = acc.mean + delta / acc.count;
-    acc.m2 = acc.m2 + delta * (x - acc.mean);
+  for_each_owned<W>(a, splits, [&](int64_t i, int n) {
+    M xs[W];
+    load_run(xs, x + i, n, aligned && n == W);
+    DANLU_UNROLL
+    for (int j = 0; j < W; ++j) {
+      if (j == n) break;
+      acc.count = acc.count + M(1);
+      const M delta = xs[j] - acc.mean;
+      acc.mean = acc.mean + delta / acc.count;
+      acc.m2 = acc.m2 + delta * (xs[j] - acc.mean);
+    }
   });
-  const int64_t c = a.inner > 1 ? int64_t(blockIdx.x) : int64_t(blockIdx.x) * kChannelTile + threadIdx.x % kChannelTile;
+  const int64_t c = owned_channel(a);
   if (block_merge(a, acc) && c < a.channels) partial[blockIdx.y * a.channels + c] = acc;
 }
 
@@ -98,31 +119,54 @@ template <typename M> __global__ void stats_finish_kernel(BatchNormArgs a, int64
   ptr<M>(a.out_m2)[c] = acc.m2;
 }
 
-template <typename T, ActKind kAct, bool kResidual, typename M>
-__device__ M element_dz(const BatchNormArgs& a, const Activation<M, kAct>& act, const ChannelAffine<M>& k, int64_t i) {
-  const M dy = load_as<M>(ptr<const T>(a.dy) + i);
-  if constexpr (kAct == ActKind::Identity) {
-    return dy;
-  } else {
-    M z = (load_as<M>(ptr<const T>(a.x) + i) - k.mean) * k.scale + k.shift;
-    if constexpr (kResidual) z = z + load_as<M>(ptr<const T>(a.residual) + i);
-    return dy * act.grad(z);
-  }
+template <typename M> __device__ ChannelAffine<M> affine_of(const BatchNormArgs& a, int64_t c) {
+  return channel_affine(ptr<const M>(a.mean), ptr<const M>(a.invstd), ptr<const M>(a.weight), ptr<const M>(a.bias), c);
+}
+template <typename M> __device__ ChannelGrad<M> grad_of(const BatchNormArgs& a, int64_t c) {
+  return channel_grad(ptr<const M>(a.mean), ptr<const M>(a.invstd), ptr<const M>(a.weight), ptr<const M>(a.sum_dz),
+                      ptr<const M>(a.sum_dz_xhat), M(a.count), a.batch_stats, c);
+}
+
+// z = (x - mean) * invstd * w + b (+ residual), the input of the activation.
+template <bool kResidual, typename M> __device__ M pre_activation(const ChannelAffine<M>& k, M x, M residual) {
+  const M z = (x - k.mean) * k.scale + k.shift;
+  return kResidual ? z + residual : z;
+}
+
+// dz = dy * act'(z) of one element, z recomputed exactly as the forward computed it.
+template <bool kResidual, typename M, ActKind kAct>
+__device__ M element_dz(const Activation<M, kAct>& act, const ChannelAffine<M>& k, M x, M residual, M dy) {
+  if constexpr (kAct == ActKind::Identity) return dy;
+  else return dy * act.grad(pre_activation<kResidual>(k, x, residual));
 }
 
 template <typename T, ActKind kAct, bool kResidual>
 __global__ void __launch_bounds__(kThreads) reduce_kernel(BatchNormArgs a, int64_t splits, Sums<math_t<T>>* partial) {
   using M = math_t<T>;
+  constexpr int W = Vec16<T>::kWidth;
   const Activation<M, kAct> act{M(a.act_param)};
+  const T* x = ptr<const T>(a.x);
+  const T* res = kResidual ? ptr<const T>(a.residual) : nullptr;
+  const T* dy = ptr<const T>(a.dy);
+  const bool aligned = aligned16(x, res, dy);
+  const int64_t c = owned_channel(a);
   Sums<M> acc;
-  for_each_owned(a, splits, [&](int64_t c, int64_t i) {
-    const ChannelAffine<M> k = channel_affine(ptr<const M>(a.mean), ptr<const M>(a.invstd), ptr<const M>(a.weight),
-                                              ptr<const M>(a.bias), c);
-    const M dz = element_dz<T, kAct, kResidual>(a, act, k, i);
-    acc.dz = acc.dz + dz;
-    acc.dz_xhat = acc.dz_xhat + dz * ((load_as<M>(ptr<const T>(a.x) + i) - k.mean) * ptr<const M>(a.invstd)[c]);
+  for_each_owned<W>(a, splits, [&](int64_t i, int n) {
+    const ChannelAffine<M> k = affine_of<M>(a, c);
+    const M invstd = ptr<const M>(a.invstd)[c];
+    const bool vector = aligned && n == W;
+    M xs[W], rs[W] = {}, dys[W];
+    load_run(xs, x + i, n, vector);
+    if constexpr (kResidual) load_run(rs, res + i, n, vector);
+    load_run(dys, dy + i, n, vector);
+    DANLU_UNROLL
+    for (int j = 0; j < W; ++j) {
+      if (j == n) break;
+      const M dz = element_dz<kResidual>(act, k, xs[j], rs[j], dys[j]);
+      acc.dz = acc.dz + dz;
+      acc.dz_xhat = acc.dz_xhat + dz * ((xs[j] - k.mean) * invstd);
+    }
   });
-  const int64_t c = a.inner > 1 ? int64_t(blockIdx.x) : int64_t(blockIdx.x) * kChannelTile + threadIdx.x % kChannelTile;
   if (block_merge(a, acc) && c < a.channels) partial[blockIdx.y * a.channels + c] = acc;
 }
 
@@ -135,36 +179,84 @@ template <typename M> __global__ void reduce_finish_kernel(BatchNormArgs a, int6
   ptr<M>(a.sum_dz_xhat)[c] = acc.dz_xhat;
 }
 
+// Grid-stride loop of the elementwise kernels: fn(i, n) for the run of elements [i, i + n) of x,
+// n = W but at the end.
+template <int W, class Fn> __device__ void for_each_run(int64_t total, Fn&& fn) {
+  for (int64_t i = (int64_t(blockIdx.x) * kThreads + threadIdx.x) * W; i < total; i += int64_t(gridDim.x) * kThreads * W)
+    fn(i, total - i < W ? int(total - i) : W);
+}
+
+// The channels of consecutive elements of x from index i on: two divisions a run, not one an element.
+struct ChannelWalk {
+  int64_t c, pos;  // the element's channel, and its index within its run of inner elements of that channel
+  __device__ ChannelWalk(const BatchNormArgs& a, int64_t i) : c(i / a.inner % a.channels), pos(i % a.inner) {}
+  // Steps to the next element; true when that one starts another channel.
+  __device__ bool next(const BatchNormArgs& a) {
+    if (++pos < a.inner) return false;
+    pos = 0;
+    c = c + 1 == a.channels ? 0 : c + 1;
+    return true;
+  }
+};
+
 template <typename T, ActKind kAct, bool kResidual>
 __global__ void __launch_bounds__(kThreads) forward_kernel(BatchNormArgs a, int64_t total) {
   using M = math_t<T>;
+  constexpr int W = Vec16<T>::kWidth;
   const Activation<M, kAct> act{M(a.act_param)};
-  for (int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x; i < total; i += int64_t(gridDim.x) * kThreads) {
-    const int64_t c = i / a.inner % a.channels;
-    const ChannelAffine<M> k = channel_affine(ptr<const M>(a.mean), ptr<const M>(a.invstd), ptr<const M>(a.weight),
-                                              ptr<const M>(a.bias), c);
-    M z = (load_as<M>(ptr<const T>(a.x) + i) - k.mean) * k.scale + k.shift;
-    if constexpr (kResidual) z = z + load_as<M>(ptr<const T>(a.residual) + i);
-    store_from(ptr<T>(a.y) + i, act.forward(z));
-  }
+  const T* x = ptr<const T>(a.x);
+  const T* res = kResidual ? ptr<const T>(a.residual) : nullptr;
+  T* y = ptr<T>(a.y);
+  const bool aligned = aligned16(x, res, y);
+  for_each_run<W>(total, [&](int64_t i, int n) {
+    const bool vector = aligned && n == W;
+    M xs[W] = {}, rs[W] = {}, ys[W];  // zeros past n: the math runs on every lane, only n are stored
+    load_run(xs, x + i, n, vector);
+    if constexpr (kResidual) load_run(rs, res + i, n, vector);
+    ChannelWalk walk(a, i);
+    ChannelAffine<M> k = affine_of<M>(a, walk.c);
+    DANLU_UNROLL
+    for (int j = 0; j < W; ++j) {
+      ys[j] = act.forward(pre_activation<kResidual>(k, xs[j], rs[j]));
+      if (j + 1 < n && walk.next(a)) k = affine_of<M>(a, walk.c);
+    }
+    store_run(y + i, ys, n, vector);
+  });
 }
 
 template <typename T, ActKind kAct, bool kResidual>
 __global__ void __launch_bounds__(kThreads) apply_kernel(BatchNormArgs a, int64_t total) {
   using M = math_t<T>;
+  constexpr int W = Vec16<T>::kWidth;
   const Activation<M, kAct> act{M(a.act_param)};
-  for (int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x; i < total; i += int64_t(gridDim.x) * kThreads) {
-    const int64_t c = i / a.inner % a.channels;
-    const ChannelAffine<M> k = channel_affine(ptr<const M>(a.mean), ptr<const M>(a.invstd), ptr<const M>(a.weight),
-                                              ptr<const M>(a.bias), c);
-    const ChannelGrad<M> g = channel_grad(ptr<const M>(a.mean), ptr<const M>(a.invstd), ptr<const M>(a.weight),
-                                          ptr<const M>(a.sum_dz), ptr<const M>(a.sum_dz_xhat), M(a.count),
-                                          a.batch_stats, c);
-    const M dz = element_dz<T, kAct, kResidual>(a, act, k, i);
-    if constexpr (kResidual) store_from(ptr<T>(a.dresidual) + i, dz);
-    const M xhat = (load_as<M>(ptr<const T>(a.x) + i) - g.mean) * g.invstd;
-    store_from(ptr<T>(a.dx) + i, (dz - g.mean_dz - xhat * g.mean_dz_xhat) * g.dz_scale);
-  }
+  const T* x = ptr<const T>(a.x);
+  const T* res = kResidual ? ptr<const T>(a.residual) : nullptr;
+  const T* dy = ptr<const T>(a.dy);
+  T* dx = ptr<T>(a.dx);
+  T* dres = kResidual ? ptr<T>(a.dresidual) : nullptr;
+  const bool aligned = aligned16(x, res, dy, dx, dres);
+  for_each_run<W>(total, [&](int64_t i, int n) {
+    const bool vector = aligned && n == W;
+    M xs[W] = {}, rs[W] = {}, dys[W] = {}, dzs[W], dxs[W];
+    load_run(xs, x + i, n, vector);
+    if constexpr (kResidual) load_run(rs, res + i, n, vector);
+    load_run(dys, dy + i, n, vector);
+    ChannelWalk walk(a, i);
+    ChannelAffine<M> k = affine_of<M>(a, walk.c);
+    ChannelGrad<M> g = grad_of<M>(a, walk.c);
+    DANLU_UNROLL
+    for (int j = 0; j < W; ++j) {
+      dzs[j] = element_dz<kResidual>(act, k, xs[j], rs[j], dys[j]);
+      const M xhat = (xs[j] - g.mean) * g.invstd;
+      dxs[j] = (dzs[j] - g.mean_dz - xhat * g.mean_dz_xhat) * g.dz_scale;
+      if (j + 1 < n && walk.next(a)) {
+        k = affine_of<M>(a, walk.c);
+        g = grad_of<M>(a, walk.c);
+      }
+    }
+    if constexpr (kResidual) store_run(dres + i, dzs, n, vector);
+    store_run(dx + i, dxs, n, vector);
+  });
 }
 
 // Calls fn(T, activation, residual) for the kernel template arguments the call needs.
@@ -177,8 +269,9 @@ template <typename Fn> void dispatch_elementwise(const BatchNormArgs& a, Fn&& fn
   });
 }
 
-unsigned elementwise_blocks(int64_t total) {
-  return unsigned(std::clamp<int64_t>((total + kThreads - 1) / kThreads, 1, 65535 * 8));
+// Blocks for one run of W elements per thread; past 65535 * 8, threads loop over more runs.
+unsigned elementwise_blocks(int64_t total, int W) {
+  return unsigned(std::clamp<int64_t>((total + kThreads * W - 1) / (kThreads * W), 1, 65535 * 8));
 }
 
 int64_t total_elems(const BatchNormArgs& a) { return a.rows * a.channels * a.inner; }
@@ -215,7 +308,8 @@ void launch_reduction(const BatchNormArgs& a, cudaStream_t s, void (*partials)(B
 // One elementwise kernel over x; pick(tag, act, residual) names the instantiation.
 template <class Pick> void launch_elementwise(const BatchNormArgs& a, cudaStream_t s, Pick&& pick) {
   dispatch_elementwise(a, [&](auto tag, auto act, auto residual) {
-    pick(tag, act, residual)<<<elementwise_blocks(total_elems(a)), kThreads, 0, s>>>(a, total_elems(a));
+    const unsigned blocks = elementwise_blocks(total_elems(a), Vec16<typename decltype(tag)::type>::kWidth);
+    pick(tag, act, residual)<<<blocks, kThreads, 0, s>>>(a, total_elems(a));
   });
 }
 

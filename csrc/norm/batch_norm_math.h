@@ -5,11 +5,11 @@
 // x is viewed as [rows, channels, inner], contiguous in that order:
 //   NCHW / NCDHW:            rows = N, inner = H*W(*D)
 //   channels_last(_3d), NC:  rows = N*H*W(*D), inner = 1
-#include <cmath>
 #include <cstdint>
 #include <type_traits>
 
 #include "common/check.h"
+#include "common/exp.h"
 #include "common/macros.h"
 #include "optim/update_rules.h"  // Option
 
@@ -17,14 +17,9 @@ namespace danlu {
 
 enum class ActKind : int { Identity = 0, Relu = 1, LeakyRelu = 2, Elu = 3, Silu = 4, Sigmoid = 5, Tanh = 6 };
 
-DANLU_HD float exp_m(float x) { return expf(x); }
-DANLU_HD double exp_m(double x) { return exp(x); }
-DANLU_HD float expm1_m(float x) { return expm1f(x); }
-DANLU_HD double expm1_m(double x) { return expm1(x); }
-DANLU_HD float tanh_m(float x) { return tanhf(x); }
-DANLU_HD double tanh_m(double x) { return tanh(x); }
-
 // act(z) and d act / dz, with torch's formulas (param: leaky_relu's negative_slope, elu's alpha).
+// exp_m, expm1_m and tanh_m (common/exp.h) are arithmetic, not libm calls: the CPU loops vectorise
+// them, and the CPU computes the very bits the GPU does.
 template <typename M, ActKind kAct> struct Activation {
   M param;
   DANLU_HD M forward(M z) const {
@@ -36,10 +31,11 @@ template <typename M, ActKind kAct> struct Activation {
     else if constexpr (kAct == ActKind::Tanh) return tanh_m(z);
     else return z;
   }
+  // At z = NaN each grad is what torch's backward gives: its relu and elu test z <= 0, leaky_relu z > 0.
   DANLU_HD M grad(M z) const {
-    if constexpr (kAct == ActKind::Relu) return z > M(0) ? M(1) : M(0);
+    if constexpr (kAct == ActKind::Relu) return z <= M(0) ? M(0) : M(1);
     else if constexpr (kAct == ActKind::LeakyRelu) return z > M(0) ? M(1) : param;
-    else if constexpr (kAct == ActKind::Elu) return z > M(0) ? M(1) : param * exp_m(z);
+    else if constexpr (kAct == ActKind::Elu) return z <= M(0) ? param * exp_m(z) : M(1);
     else if constexpr (kAct == ActKind::Silu) {
       M s = M(1) / (M(1) + exp_m(-z));
       return s * (M(1) + z * (M(1) - s));

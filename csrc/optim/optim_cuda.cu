@@ -4,6 +4,7 @@
 #include <type_traits>
 
 #include "common/cuda_runtime.h"
+#include "common/vec16.h"
 #include "optim/multi_tensor_step.h"
 #include "optim/optim.h"
 
@@ -20,11 +21,6 @@ struct DeviceScalars {
   const float* grad_scale;
   const float* found_inf;
   unsigned int* step_counter;
-};
-
-template <typename T> struct alignas(16) Vec16 {
-  static constexpr int kWidth = 16 / sizeof(T);
-  T v[kWidth];
 };
 
 template <class Rule, typename T> __device__ bool all_aligned16(const TensorPtrs<T>& x) {
