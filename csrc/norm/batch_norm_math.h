@@ -11,7 +11,6 @@
 #include "common/check.h"
 #include "common/exp.h"
 #include "common/macros.h"
-#include "optim/update_rules.h"  // Option
 
 namespace danlu {
 
