@@ -1021,3 +1021,27 @@ def test_strided_per_channel_tensors_are_read_as_views(training):
     torch.testing.assert_close(y, expected, **FP32_TOL)
     torch.testing.assert_close(views["mean"], ref["mean"], **FP32_TOL)
     torch.testing.assert_close(views["var"], ref["var"], **FP32_TOL)
+
+
+@pytest.mark.parametrize("shape, memory_format", [
+    pytest.param((40, 130, 2), CONTIGUOUS, id="short-runs-blocks-start-mid-channel"),
+    pytest.param((200, 3, 8, 8), CHANNELS_LAST, id="narrow-rows-many-blocks"),
+    pytest.param((3, 5, 4099), CONTIGUOUS, id="runs-longer-than-a-block"),
+])
+@pytest.mark.parametrize("activation", ["identity", "silu"])
+def test_elementwise_passes_split_into_blocks_of_runs(shape, memory_format, activation):
+    """The CPU elementwise passes hand threads blocks of whole runs (a channel's inner elements, or a
+    channels-last row); shapes whose blocks start in the middle of the channel order still match torch."""
+    gen = torch.Generator().manual_seed(21)
+    ours = danlu.nn.BatchNormAct1d(shape[1], activation=activation) if len(shape) == 3 else \
+        danlu.nn.BatchNormAct2d(shape[1], activation=activation)
+    ref = torch.nn.BatchNorm1d(shape[1]) if len(shape) == 3 else torch.nn.BatchNorm2d(shape[1])
+    randomize_affine(ours, seed=3)
+    ref.load_state_dict(ours.state_dict())
+    act = TORCH_ACTIVATIONS[activation][0]
+    x64, dy64 = fresh_input(shape, gen), torch.randn(shape, generator=gen, dtype=torch.float64)
+    got = forward_backward(ours, ours, x64, dy64, dtype=torch.float32, device="cpu", memory_format=memory_format)
+    want = forward_backward(lambda x: act(ref(x), None), ref, x64, dy64, dtype=torch.float32, device="cpu",
+                            memory_format=memory_format)
+    for name in want:
+        assert_close_rms(got[name], want[name], name=name, **FP32_TOL)

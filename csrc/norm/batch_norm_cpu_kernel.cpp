@@ -137,29 +137,44 @@ template <typename M> struct GradArrays {
   }
 };
 
-// Calls fn(offset, n, c, stride) for every contiguous run of x in parallel: a run of one channel c
-// (stride 0: the constants of channel c throughout) or a channels-last row (stride 1: channel = index).
-// The stride is a compile-time constant, so the loops broadcast or load the constants as they should.
-template <class Fn> void for_each_run(const BatchNormArgs& a, int nt, Fn&& fn) {
-  const int64_t R = a.rows, C = a.channels, I = a.inner;
-  if (I > 1) {
+// x as runs of `width` contiguous elements: one channel's inner elements (NCHW: stride 0, the constants of
+// that channel throughout) or one channels-last row (stride 1: channel = index in the row). Calls
+// fn(first_run, runs, width, stride) for blocks of consecutive runs in parallel; blocks of several runs
+// keep short runs (7x7 maps, 64-channel rows) from paying a call and a loop set-up each.
+template <class Fn> void for_each_block(const BatchNormArgs& a, int nt, Fn&& fn) {
+  constexpr int64_t kBlockElems = 8192;
+  const bool nchw = a.inner > 1;
+  const int64_t width = nchw ? a.inner : a.channels, runs = nchw ? a.rows * a.channels : a.rows;
+  const int64_t per_block = std::max<int64_t>(1, kBlockElems / std::max<int64_t>(width, 1));
+  const int64_t blocks = (runs + per_block - 1) / per_block;
 #pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t rc = 0; rc < R * C; ++rc) fn(rc * I, I, rc % C, std::integral_constant<int64_t, 0>{});
-  } else {
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t r = 0; r < R; ++r) fn(r * C, C, 0, std::integral_constant<int64_t, 1>{});
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t first = b * per_block, count = std::min(per_block, runs - first);
+    if (nchw) fn(first, count, width, std::integral_constant<int64_t, 0>{});
+    else fn(first, count, width, std::integral_constant<int64_t, 1>{});
   }
 }
 
+// The index of the per-channel constants of element i of run r (runs numbered from first_run).
+template <int64_t kStride> struct RunChannels {
+  int64_t first_run, channels;
+  int64_t base(int64_t r) const { return kStride ? 0 : (first_run + r) % channels; }
+};
+
 template <typename T, ActKind kAct, bool kResidual, int64_t kStride, typename M>
-__attribute__((noinline)) void forward_run(const T* x, const T* res, T* y, int64_t n, const M* mean,
-                                           const M* scale, const M* shift, Activation<M, kAct> act) {
+__attribute__((noinline)) void forward_runs(const T* x, const T* res, T* y, int64_t runs, int64_t width,
+                                            RunChannels<kStride> ch, AffineArrays<M> const* k,
+                                            Activation<M, kAct> act) {
+  const M *mean = k->mean.data(), *scale = k->scale.data(), *shift = k->shift.data();
+  for (int64_t r = 0; r < runs; ++r) {
+    const int64_t off = r * width, c0 = ch.base(r);
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t c = i * kStride;
-    M z = (load_as<M>(x + i) - mean[c]) * scale[c] + shift[c];
-    if constexpr (kResidual) z = z + load_as<M>(res + i);
-    store_from(y + i, act.forward(z));
+    for (int64_t i = 0; i < width; ++i) {
+      const int64_t c = c0 + i * kStride;
+      M z = (load_as<M>(x + off + i) - mean[c]) * scale[c] + shift[c];
+      if constexpr (kResidual) z = z + load_as<M>(res + off + i);
+      store_from(y + off + i, act.forward(z));
+    }
   }
 }
 
@@ -170,15 +185,15 @@ template <typename T> void forward(const BatchNormArgs& a, int nt) {
   const T* res = ptr<const T>(a.residual);
   T* y = ptr<T>(a.y);
   dispatch_activation(a.activation, [&](auto kind) {
-    const Activation<M, decltype(kind)::value> act{M(a.act_param)};
-    for_each_run(a, nt, [&](int64_t off, int64_t n, int64_t c, auto stride) {
-      constexpr int64_t kStride = decltype(stride)::value;
+    constexpr ActKind kAct = decltype(kind)::value;
+    const Activation<M, kAct> act{M(a.act_param)};
+    for_each_block(a, nt, [&](int64_t first, int64_t runs, int64_t width, auto stride) {
+      const RunChannels<decltype(stride)::value> ch{first, a.channels};
+      const int64_t off = first * width;
       if (res)
-        forward_run<T, decltype(kind)::value, true, kStride>(x + off, res + off, y + off, n, &k.mean[c],
-                                                             &k.scale[c], &k.shift[c], act);
+        forward_runs<T, kAct, true>(x + off, res + off, y + off, runs, width, ch, &k, act);
       else
-        forward_run<T, decltype(kind)::value, false, kStride>(x + off, nullptr, y + off, n, &k.mean[c],
-                                                              &k.scale[c], &k.shift[c], act);
+        forward_runs<T, kAct, false>(x + off, nullptr, y + off, runs, width, ch, &k, act);
     });
   });
 }
@@ -291,17 +306,22 @@ template <typename T> void backward_reduce(const BatchNormArgs& a, int nt) {
 
 // Writes dx, and with a residual its grad dz too (the caller always provides both buffers).
 template <typename T, ActKind kAct, bool kResidual, int64_t kStride, typename M>
-__attribute__((noinline)) void apply_run(const T* x, const T* res, const T* dy, T* dx, T* dres, int64_t n,
-                                         const M* mean, const M* scale, const M* shift, const M* invstd,
-                                         const M* dz_scale, const M* mean_dz, const M* mean_dz_xhat,
-                                         Activation<M, kAct> act) {
+__attribute__((noinline)) void apply_runs(const T* x, const T* res, const T* dy, T* dx, T* dres, int64_t runs,
+                                          int64_t width, RunChannels<kStride> ch, AffineArrays<M> const* k,
+                                          GradArrays<M> const* g, Activation<M, kAct> act) {
+  const M *mean = k->mean.data(), *scale = k->scale.data(), *shift = k->shift.data();
+  const M *invstd = g->invstd.data(), *dz_scale = g->dz_scale.data();
+  const M *mean_dz = g->mean_dz.data(), *mean_dz_xhat = g->mean_dz_xhat.data();
+  for (int64_t r = 0; r < runs; ++r) {
+    const int64_t off = r * width, c0 = ch.base(r);
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t c = i * kStride;
-    const M dz = element_dz<T, kAct, kResidual>(x, res, dy, i, mean[c], scale[c], shift[c], act);
-    if constexpr (kResidual) store_from(dres + i, dz);
-    const M xhat = (load_as<M>(x + i) - mean[c]) * invstd[c];
-    store_from(dx + i, (dz - mean_dz[c] - xhat * mean_dz_xhat[c]) * dz_scale[c]);
+    for (int64_t i = 0; i < width; ++i) {
+      const int64_t c = c0 + i * kStride, e = off + i;
+      const M dz = element_dz<T, kAct, kResidual>(x, res, dy, e, mean[c], scale[c], shift[c], act);
+      if constexpr (kResidual) store_from(dres + e, dz);
+      const M xhat = (load_as<M>(x + e) - mean[c]) * invstd[c];
+      store_from(dx + e, (dz - mean_dz[c] - xhat * mean_dz_xhat[c]) * dz_scale[c]);
+    }
   }
 }
 
@@ -317,13 +337,13 @@ template <typename T> void backward_apply(const BatchNormArgs& a, int nt) {
   dispatch_activation(a.activation, [&](auto kind) {
     constexpr ActKind kAct = decltype(kind)::value;
     const Activation<M, kAct> act{M(a.act_param)};
-    for_each_run(a, nt, [&](int64_t off, int64_t n, int64_t c, auto stride) {
-      auto run = [&](auto residual) {
-        apply_run<T, kAct, decltype(residual)::value, decltype(stride)::value>(
-            x + off, res ? res + off : nullptr, dy + off, dx + off, res ? dres + off : nullptr, n, &k.mean[c],
-            &k.scale[c], &k.shift[c], &g.invstd[c], &g.dz_scale[c], &g.mean_dz[c], &g.mean_dz_xhat[c], act);
-      };
-      if (res) run(std::true_type{}); else run(std::false_type{});
+    for_each_block(a, nt, [&](int64_t first, int64_t runs, int64_t width, auto stride) {
+      const RunChannels<decltype(stride)::value> ch{first, a.channels};
+      const int64_t off = first * width;
+      if (res)
+        apply_runs<T, kAct, true>(x + off, res + off, dy + off, dx + off, dres + off, runs, width, ch, &k, &g, act);
+      else
+        apply_runs<T, kAct, false>(x + off, nullptr, dy + off, dx + off, nullptr, runs, width, ch, &k, &g, act);
     });
   });
 }
