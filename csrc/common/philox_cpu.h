@@ -24,10 +24,12 @@ using PhiloxVec = __m512i;
 template <> struct PhiloxLanes<__m512i> {
   static void mul_hi_lo(uint32_t m, __m512i c, __m512i& hi, __m512i& lo) {
     const __m512i mv = _mm512_set1_epi32(int(m));
-    const __m512i even = _mm512_mul_epu32(c, mv);                        // 64-bit products of lanes 0, 2, ...
-    const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(c, 32), mv);  // and of lanes 1, 3, ...
-    lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
-    hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
+    // vpmuludq multiplies the even 32-bit lanes into 64-bit products; swapping neighbours (CDAB) brings
+    // the odd lanes there, and swaps the halves of the products back where a masked shuffle needs them.
+    const __m512i even = _mm512_mul_epu32(c, mv);
+    const __m512i odd = _mm512_mul_epu32(_mm512_shuffle_epi32(c, _MM_PERM_CDAB), mv);
+    lo = _mm512_mask_shuffle_epi32(even, 0xAAAA, odd, _MM_PERM_CDAB);
+    hi = _mm512_mask_shuffle_epi32(odd, 0x5555, even, _MM_PERM_CDAB);
   }
   static __m512i xor3(__m512i a, __m512i b, uint32_t key) {
     return _mm512_ternarylogic_epi32(a, b, _mm512_set1_epi32(int(key)), 0x96);
