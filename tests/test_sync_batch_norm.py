@@ -148,12 +148,47 @@ def _run_group_of_one(rank):
     return [_train(bn, case, 0, _rows_of(case, rank)) for bn in (sync, local)]
 
 
+DDP_BATCH = (8, 2, 3, 3)
+
+
+def _ddp_model(norm_class):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(2, 4, 1), norm_class(4), torch.nn.ReLU(),
+                               torch.nn.Conv2d(4, 1, 1)).double()
+
+
+def _ddp_batch(step):
+    return torch.randn(DDP_BATCH, generator=torch.Generator().manual_seed(step), dtype=torch.float64)
+
+
+def _train_ddp_model(model, rows, loss_scale):
+    """STEPS SGD steps on each batch's `rows`, loss = loss_scale * sum of squares; the final state_dict."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for step in range(STEPS):
+        opt.zero_grad(set_to_none=True)
+        (model(_ddp_batch(step)[rows]).square().sum() * loss_scale).backward()
+        opt.step()
+    return {name: t.detach().clone() for name, t in model.state_dict().items()}
+
+
+def _run_ddp(rank):
+    """danlu's SyncBatchNorm inside DistributedDataParallel on CPU modules (torch's SyncBatchNorm is refused)."""
+    ddp = torch.nn.parallel.DistributedDataParallel(_ddp_model(danlu.nn.SyncBatchNorm))
+    state = _train_ddp_model(ddp, slice(rank * DDP_BATCH[0] // WORLD, (rank + 1) * DDP_BATCH[0] // WORLD), 1.0)
+    try:
+        torch.nn.parallel.DistributedDataParallel(_ddp_model(torch.nn.SyncBatchNorm))
+        torch_refusal = None
+    except ValueError as error:
+        torch_refusal = str(error)
+    return {"state": {name.removeprefix("module."): t for name, t in state.items()}, "torch_refusal": torch_refusal}
+
+
 def worker_main(rank, store, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD,
                             timeout=COLLECTIVE_TIMEOUT)
     try:
-        results = dict(cases=_run_cases(rank), group_of_one=_run_group_of_one(rank))
+        results = dict(cases=_run_cases(rank), group_of_one=_run_group_of_one(rank), ddp=_run_ddp(rank))
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -303,9 +338,23 @@ def test_merge_of_ranks_statistics_is_one_pass_over_all(sizes):
         assert not mean.any() and not m2.any()
 
 
-def test_is_a_torch_sync_batch_norm_with_its_state_dict():
+def test_ddp_on_cpu_modules(ranks):
+    """DDP averages the ranks' grads: the same training as one process on the whole batch with the loss divided
+    by the world size, and every rank ends with the same parameters and running statistics."""
+    expected = _train_ddp_model(_ddp_model(torch.nn.BatchNorm2d), slice(None), 1.0 / WORLD)
+    for rank in ranks:
+        state = rank["ddp"]["state"]
+        assert state.keys() == expected.keys()
+        for name, value in expected.items():
+            torch.testing.assert_close(state[name], value, rtol=1e-10, atol=1e-10,
+                                       msg=lambda m, n=name: f"{n}: {m}")
+        assert "only work with GPU modules" in rank["ddp"]["torch_refusal"]  # what torch's own class gets
+
+
+def test_has_torch_sync_batch_norms_state_dict():
     ours, theirs = danlu.nn.SyncBatchNorm(5, momentum=None), torch.nn.SyncBatchNorm(5, momentum=None)
-    assert isinstance(ours, torch.nn.SyncBatchNorm)
+    # Not a torch.nn.SyncBatchNorm: DDP would refuse it in CPU modules (see test_ddp_on_cpu_modules).
+    assert isinstance(ours, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(ours, torch.nn.SyncBatchNorm)
     assert list(ours.state_dict()) == list(theirs.state_dict())
     theirs.running_mean.fill_(0.5)
     ours.load_state_dict(theirs.state_dict())

@@ -149,23 +149,35 @@ def sync_batch_norm_act(x, running_mean, running_var, weight, bias, momentum, ep
                                        default_param if act_param is None else act_param, group)
 
 
-class SyncBatchNorm(torch.nn.SyncBatchNorm):
-    """torch.nn.SyncBatchNorm (same constructor, state_dict and decisions) on danlu's kernels, on the CPU
-    (gloo) as well as CUDA (NCCL). Outside training, without an initialised process group, or in a group
-    of one it is danlu's BatchNorm. Like BatchNormAct*d it can apply an activation, with an optional
-    residual added before it: ``forward(x, residual=None) = act(bn(x) + residual)``."""
+class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
+    """torch.nn.SyncBatchNorm's constructor, state_dict and decisions on danlu's kernels, on the CPU (gloo)
+    as well as CUDA (NCCL). Outside training, without an initialised process group, or in a group of one it
+    is danlu's BatchNorm. Like BatchNormAct*d it can apply an activation, with an optional residual added
+    before it: ``forward(x, residual=None) = act(bn(x) + residual)``.
+
+    It derives from torch's _BatchNorm, not from torch.nn.SyncBatchNorm: DistributedDataParallel refuses
+    any torch.nn.SyncBatchNorm instance in a CPU module, and training on CPUs under DDP is what this class
+    adds over torch's. So isinstance(m, torch.nn.SyncBatchNorm) is False (isinstance of _BatchNorm holds)."""
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
                  process_group=None, device=None, dtype=None, *, bias=True, activation="identity",
                  negative_slope=0.01, alpha=1.0):
         # Older torch (danlu supports 2.4 on) has no bias argument: name it only when it changes something.
         extra = {} if bias else {"bias": False}
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, process_group, device, dtype,
-                         **extra)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **extra)
+        self.process_group = process_group
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}; expected one of {', '.join(ACTIVATIONS)}")
         self.activation = activation
         self.act_param = {"leaky_relu": negative_slope, "elu": alpha}.get(activation)
+
+    def _check_input_dim(self, input):
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    def _check_non_zero_input_channels(self, input):
+        if input.size(1) == 0:
+            raise ValueError("SyncBatchNorm number of input channels should be non-zero")
 
     def extra_repr(self):
         if self.activation == "identity":
