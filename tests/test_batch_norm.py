@@ -1045,3 +1045,19 @@ def test_elementwise_passes_split_into_blocks_of_runs(shape, memory_format, acti
                             memory_format=memory_format)
     for name in want:
         assert_close_rms(got[name], want[name], name=name, **FP32_TOL)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_forward_without_grad_matches_the_autograd_path(training):
+    """Without autograd (no_grad) the module calls the native forward directly: the same output and stats."""
+    x = torch.randn(4, 6, 5, 5)
+    ours, twin_module = danlu.nn.BatchNormAct2d(6, activation="silu"), danlu.nn.BatchNormAct2d(6, activation="silu")
+    randomize_affine(ours, seed=4)
+    twin_module.load_state_dict(ours.state_dict())
+    ours.train(training), twin_module.train(training)
+    with torch.no_grad():
+        y = ours(x)
+    expected = twin_module(x.clone().requires_grad_())
+    assert y.grad_fn is None and torch.equal(y, expected.detach())
+    for name, buffer in ours.named_buffers():
+        assert torch.equal(buffer, dict(twin_module.named_buffers())[name]), name

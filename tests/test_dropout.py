@@ -532,3 +532,22 @@ def test_cuda_masks_equal_cpu_masks(dtype, device):
         torch.manual_seed(20)
         b = DF.dropout(x.to(device), 0.6)
     assert torch.equal(a, b.cpu())
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_forward_without_grad_draws_the_same_values(inplace):
+    """Without autograd (no_grad, or no input that requires grad) the forward skips the mask: same values."""
+    x = LAYOUTS["strided_slice"](torch.randn(2, 3, 5, 7))
+    r, b = torch.randn(x.shape), torch.randn(7)
+    with_grad = DF.dropout(x.clone().requires_grad_(), 0.3, generator=torch.Generator().manual_seed(22))
+    with torch.no_grad():
+        target = x.clone() if inplace else x
+        y = DF.dropout(target, 0.3, inplace=inplace, generator=torch.Generator().manual_seed(22))
+    assert (y is target) == inplace
+    assert torch.equal(y, with_grad.detach())
+    def gen(seed):
+        return torch.Generator().manual_seed(seed)
+
+    fused = DF.dropout_add(x.contiguous().requires_grad_(), r, 0.3, bias=b, generator=gen(23))
+    plain = DF.dropout_add(x.contiguous(), r, 0.3, bias=b, generator=gen(23))
+    assert plain.grad_fn is None and torch.equal(plain, fused.detach())

@@ -97,14 +97,14 @@ def in_layout_of(t, strides):
 # danlu/_ops.py under torch.compile.
 
 
-def native_forward(x, residual, bias, keep_prob, divisor, seed, inplace=False):
+def native_forward(x, residual, bias, keep_prob, divisor, seed, inplace=False, want_mask=True):
     """(y, mask): y = residual + drop(x + bias) in x's dense layout (a contiguous copy's for other x), and the
-    1-bit mask. With inplace, y is x itself (written back if x is not dense). bias: x.shape[-1] values, x
-    contiguous (dropout_add makes it so)."""
+    1-bit mask (None unless want_mask). With inplace, y is x itself (written back if x is not dense). bias:
+    x.shape[-1] values, x contiguous (dropout_add makes it so)."""
     dense = x if is_dense(x) else x.contiguous()
     if residual is not None:
         residual = in_layout_of(residual, dense.stride())
-    mask = torch.empty(mask_words(x.numel()), dtype=torch.int32, device=x.device)
+    mask = torch.empty(mask_words(x.numel()), dtype=torch.int32, device=x.device) if want_mask else None
     y = draw(dense, keep_prob, divisor, seed, out=dense if inplace else None, residual=residual, bias=bias,
              mask=mask)
     if inplace and y is not x:  # x was not dense: the kernel wrote a contiguous copy
@@ -144,7 +144,10 @@ def _dropout(x, residual, bias, keep_prob, generator, inplace=False):
     """residual + drop(x + bias) with autograd: DropoutFunction, or the custom op while torch.compile traces
     (which cannot trace into native calls; eager calls stay off the dispatcher, a few microseconds each)."""
     if not torch.compiler.is_compiling():
-        return DropoutFunction.apply(x, residual, bias, keep_prob, draw_seed(generator), inplace)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, residual, bias)):
+            return DropoutFunction.apply(x, residual, bias, keep_prob, draw_seed(generator), inplace)
+        # No backward will run: no autograd node and no mask.
+        return native_forward(x, residual, bias, keep_prob, keep_prob, draw_seed(generator), inplace, False)[0]
     y = torch.ops.danlu.dropout(x, residual, bias, keep_prob, keep_prob, seed_tensor(generator))[0]
     return x.copy_(y) if inplace else y
 
