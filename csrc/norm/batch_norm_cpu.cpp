@@ -11,15 +11,11 @@ void check_shape(const BatchNormArgs& a) {
   DANLU_CHECK(a.channels == 0 || (a.mean != 0 || a.out_mean != 0), "batch norm: null statistics");
 }
 
-// Runs the variant of `op` for the processor's ISA.
+// Checks the shape, then runs the variant of `op` for the processor's ISA.
 template <class Generic, class Avx2, class Avx512>
 void on_isa(const BatchNormArgs& a, int nt, Generic generic_op, Avx2 avx2_op, Avx512 avx512_op) {
   check_shape(a);
-  switch (cpu_isa()) {
-    case CpuIsa::Avx512: return avx512_op(a, nt);
-    case CpuIsa::Avx2: return avx2_op(a, nt);
-    case CpuIsa::Generic: return generic_op(a, nt);
-  }
+  call_for_cpu_isa(generic_op, avx2_op, avx512_op, a, nt);
 }
 
 }  // namespace

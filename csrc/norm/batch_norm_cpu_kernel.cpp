@@ -137,31 +137,41 @@ template <typename M> struct GradArrays {
   }
 };
 
-// x as runs of `width` contiguous elements: one channel's inner elements (NCHW: stride 0, the constants of
-// that channel throughout) or one channels-last row (stride 1: channel = index in the row). Calls
-// fn(first_run, runs, width, stride) for blocks of consecutive runs in parallel; blocks of several runs
-// keep short runs (7x7 maps, 64-channel rows) from paying a call and a loop set-up each.
-template <class Fn> void for_each_block(const BatchNormArgs& a, int nt, Fn&& fn) {
-  constexpr int64_t kBlockElems = 8192;
-  const bool nchw = a.inner > 1;
-  const int64_t width = nchw ? a.inner : a.channels, runs = nchw ? a.rows * a.channels : a.rows;
-  const int64_t per_block = std::max<int64_t>(1, kBlockElems / std::max<int64_t>(width, 1));
-  const int64_t blocks = (runs + per_block - 1) / per_block;
-#pragma omp parallel for num_threads(nt) schedule(static)
-  for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t first = b * per_block, count = std::min(per_block, runs - first);
-    if (nchw) fn(first, count, width, std::integral_constant<int64_t, 0>{});
-    else fn(first, count, width, std::integral_constant<int64_t, 1>{});
-  }
-}
-
 // The index of the per-channel constants of element i of run r (runs numbered from first_run).
 template <int64_t kStride> struct RunChannels {
   int64_t first_run, channels;
   int64_t base(int64_t r) const { return kStride ? 0 : (first_run + r) % channels; }
 };
 
-template <typename T, ActKind kAct, bool kResidual, int64_t kStride, typename M>
+// The frame of both elementwise passes. x as runs of `width` contiguous elements: one channel's inner
+// elements (NCHW: stride 0, the constants of that channel throughout) or one channels-last row (stride 1:
+// channel = index in the row). Calls fn(act, channels, offset, runs, width, residual) for blocks of
+// consecutive runs in parallel, with the activation, the stride and whether there is a residual as
+// compile-time arguments. Blocks of several runs keep short runs (7x7 maps, 64-channel rows) from paying a
+// call and a loop set-up each.
+template <typename M, class Fn> void for_each_block(const BatchNormArgs& a, int nt, Fn&& fn) {
+  constexpr int64_t kBlockElems = 8192;
+  const bool nchw = a.inner > 1;
+  const int64_t width = nchw ? a.inner : a.channels, runs = nchw ? a.rows * a.channels : a.rows;
+  const int64_t per_block = std::max<int64_t>(1, kBlockElems / std::max<int64_t>(width, 1));
+  const int64_t blocks = (runs + per_block - 1) / per_block;
+  dispatch_activation(a.activation, [&](auto kind) {
+    const Activation<M, decltype(kind)::value> act{M(a.act_param)};
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t first = b * per_block, count = std::min(per_block, runs - first);
+      auto call = [&](auto stride) {
+        const RunChannels<decltype(stride)::value> ch{first, a.channels};
+        if (a.residual) fn(act, ch, first * width, count, width, std::true_type{});
+        else fn(act, ch, first * width, count, width, std::false_type{});
+      };
+      if (nchw) call(std::integral_constant<int64_t, 0>{});
+      else call(std::integral_constant<int64_t, 1>{});
+    }
+  });
+}
+
+template <typename T, bool kResidual, ActKind kAct, int64_t kStride, typename M>
 __attribute__((noinline)) void forward_runs(const T* x, const T* res, T* y, int64_t runs, int64_t width,
                                             RunChannels<kStride> ch, AffineArrays<M> const* k,
                                             Activation<M, kAct> act) {
@@ -184,17 +194,9 @@ template <typename T> void forward(const BatchNormArgs& a, int nt) {
   const T* x = ptr<const T>(a.x);
   const T* res = ptr<const T>(a.residual);
   T* y = ptr<T>(a.y);
-  dispatch_activation(a.activation, [&](auto kind) {
-    constexpr ActKind kAct = decltype(kind)::value;
-    const Activation<M, kAct> act{M(a.act_param)};
-    for_each_block(a, nt, [&](int64_t first, int64_t runs, int64_t width, auto stride) {
-      const RunChannels<decltype(stride)::value> ch{first, a.channels};
-      const int64_t off = first * width;
-      if (res)
-        forward_runs<T, kAct, true>(x + off, res + off, y + off, runs, width, ch, &k, act);
-      else
-        forward_runs<T, kAct, false>(x + off, nullptr, y + off, runs, width, ch, &k, act);
-    });
+  for_each_block<M>(a, nt, [&](const auto& act, auto ch, int64_t off, int64_t runs, int64_t width, auto residual) {
+    constexpr bool kResidual = decltype(residual)::value;
+    forward_runs<T, kResidual>(x + off, kResidual ? res + off : nullptr, y + off, runs, width, ch, &k, act);
   });
 }
 
@@ -305,7 +307,7 @@ template <typename T> void backward_reduce(const BatchNormArgs& a, int nt) {
 }
 
 // Writes dx, and with a residual its grad dz too (the caller always provides both buffers).
-template <typename T, ActKind kAct, bool kResidual, int64_t kStride, typename M>
+template <typename T, bool kResidual, ActKind kAct, int64_t kStride, typename M>
 __attribute__((noinline)) void apply_runs(const T* x, const T* res, const T* dy, T* dx, T* dres, int64_t runs,
                                           int64_t width, RunChannels<kStride> ch, AffineArrays<M> const* k,
                                           GradArrays<M> const* g, Activation<M, kAct> act) {
@@ -334,17 +336,10 @@ template <typename T> void backward_apply(const BatchNormArgs& a, int nt) {
   const T* dy = ptr<const T>(a.dy);
   T* dx = ptr<T>(a.dx);
   T* dres = ptr<T>(a.dresidual);
-  dispatch_activation(a.activation, [&](auto kind) {
-    constexpr ActKind kAct = decltype(kind)::value;
-    const Activation<M, kAct> act{M(a.act_param)};
-    for_each_block(a, nt, [&](int64_t first, int64_t runs, int64_t width, auto stride) {
-      const RunChannels<decltype(stride)::value> ch{first, a.channels};
-      const int64_t off = first * width;
-      if (res)
-        apply_runs<T, kAct, true>(x + off, res + off, dy + off, dx + off, dres + off, runs, width, ch, &k, &g, act);
-      else
-        apply_runs<T, kAct, false>(x + off, nullptr, dy + off, dx + off, nullptr, runs, width, ch, &k, &g, act);
-    });
+  for_each_block<M>(a, nt, [&](const auto& act, auto ch, int64_t off, int64_t runs, int64_t width, auto residual) {
+    constexpr bool kResidual = decltype(residual)::value;
+    apply_runs<T, kResidual>(x + off, kResidual ? res + off : nullptr, dy + off, dx + off,
+                             kResidual ? dres + off : nullptr, runs, width, ch, &k, &g, act);
   });
 }
 

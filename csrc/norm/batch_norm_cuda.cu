@@ -110,15 +110,6 @@ template <typename T> __global__ void __launch_bounds__(kThreads) stats_kernel(B
   if (block_merge(a, acc) && c < a.channels) partial[blockIdx.y * a.channels + c] = acc;
 }
 
-template <typename M> __global__ void stats_finish_kernel(BatchNormArgs a, int64_t splits, const Moments<M>* partial) {
-  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= a.channels) return;
-  Moments<M> acc;
-  for (int64_t s = 0; s < splits; ++s) acc.merge(partial[s * a.channels + c]);
-  ptr<M>(a.out_mean)[c] = acc.mean;
-  ptr<M>(a.out_m2)[c] = acc.m2;
-}
-
 template <typename M> __device__ ChannelAffine<M> affine_of(const BatchNormArgs& a, int64_t c) {
   return channel_affine(ptr<const M>(a.mean), ptr<const M>(a.invstd), ptr<const M>(a.weight), ptr<const M>(a.bias), c);
 }
@@ -170,13 +161,23 @@ __global__ void __launch_bounds__(kThreads) reduce_kernel(BatchNormArgs a, int64
   if (block_merge(a, acc) && c < a.channels) partial[blockIdx.y * a.channels + c] = acc;
 }
 
-template <typename M> __global__ void reduce_finish_kernel(BatchNormArgs a, int64_t splits, const Sums<M>* partial) {
+// Where each reduction's per-channel result goes: stats gives mean and M2, backward_reduce the two sums.
+template <typename M> __device__ void store_channel(const BatchNormArgs& a, int64_t c, const Moments<M>& m) {
+  ptr<M>(a.out_mean)[c] = m.mean;
+  ptr<M>(a.out_m2)[c] = m.m2;
+}
+template <typename M> __device__ void store_channel(const BatchNormArgs& a, int64_t c, const Sums<M>& s) {
+  ptr<M>(a.sum_dz)[c] = s.dz;
+  ptr<M>(a.sum_dz_xhat)[c] = s.dz_xhat;
+}
+
+// The second stage of a reduction: one thread per channel merges the splits' partials in split order.
+template <class Partial> __global__ void finish_kernel(BatchNormArgs a, int64_t splits, const Partial* partial) {
   const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= a.channels) return;
-  Sums<M> acc;
+  Partial acc;
   for (int64_t s = 0; s < splits; ++s) acc.merge(partial[s * a.channels + c]);
-  ptr<M>(a.sum_dz)[c] = acc.dz;
-  ptr<M>(a.sum_dz_xhat)[c] = acc.dz_xhat;
+  store_channel(a, c, acc);
 }
 
 // Grid-stride loop of the elementwise kernels: fn(i, n) for the run of elements [i, i + n) of x,
@@ -298,11 +299,11 @@ void on_device(bool has_work, int device, uintptr_t stream, const char* what, La
 // The two stages of a reduction: partials per (channel block, split), then one thread per channel.
 template <class Partial>
 void launch_reduction(const BatchNormArgs& a, cudaStream_t s, void (*partials)(BatchNormArgs, int64_t, Partial*),
-                      void (*finish)(BatchNormArgs, int64_t, const Partial*), uintptr_t workspace) {
+                      uintptr_t workspace) {
   const Grid g = reduction_grid(a);
   auto* partial = ptr<Partial>(workspace);
   partials<<<dim3(unsigned(g.channel_blocks), unsigned(g.splits)), kThreads, 0, s>>>(a, g.splits, partial);
-  finish<<<unsigned((a.channels + kThreads - 1) / kThreads), kThreads, 0, s>>>(a, g.splits, partial);
+  finish_kernel<<<unsigned((a.channels + kThreads - 1) / kThreads), kThreads, 0, s>>>(a, g.splits, partial);
 }
 
 // One elementwise kernel over x; pick(tag, act, residual) names the instantiation.
@@ -319,7 +320,7 @@ void batch_norm_stats_cuda(const BatchNormArgs& a, int device, uintptr_t stream,
   on_device(a.channels > 0, device, stream, "launching the batch norm statistics kernels", [&](cudaStream_t s) {
     dispatch_dtype(a.dtype, [&](auto tag) {
       using T = typename decltype(tag)::type;
-      launch_reduction(a, s, stats_kernel<T>, stats_finish_kernel<math_t<T>>, workspace);
+      launch_reduction(a, s, stats_kernel<T>, workspace);
     });
   });
 }
@@ -337,8 +338,7 @@ void batch_norm_backward_reduce_cuda(const BatchNormArgs& a, int device, uintptr
             [&](cudaStream_t s) {
               dispatch_elementwise(a, [&](auto tag, auto act, auto residual) {
                 using T = typename decltype(tag)::type;
-                launch_reduction(a, s, reduce_kernel<T, decltype(act)::value, decltype(residual)::value>,
-                                 reduce_finish_kernel<math_t<T>>, workspace);
+                launch_reduction(a, s, reduce_kernel<T, decltype(act)::value, decltype(residual)::value>, workspace);
               });
             });
 }

@@ -7,11 +7,7 @@ namespace danlu {
 void optim_step_cpu(const StepArgs& args, int num_threads) {
   DANLU_CHECK(args.num_tensors == 0 || args.table != 0, "optimizer step: null tensor table");
   DANLU_CHECK(args.num_tensors >= 0 && args.total >= 0, "optimizer step: negative sizes");
-  switch (cpu_isa()) {
-    case CpuIsa::Avx512: return avx512::optim_step_cpu(args, num_threads);
-    case CpuIsa::Avx2: return avx2::optim_step_cpu(args, num_threads);
-    case CpuIsa::Generic: return generic::optim_step_cpu(args, num_threads);
-  }
+  call_for_cpu_isa(generic::optim_step_cpu, avx2::optim_step_cpu, avx512::optim_step_cpu, args, num_threads);
 }
 
 }  // namespace danlu

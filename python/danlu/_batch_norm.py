@@ -10,7 +10,7 @@ import math
 import torch
 
 from danlu import _C
-from danlu._native import DTYPE_CODES, check_cuda_built
+from danlu._native import DTYPE_CODES, check_cuda_built, check_dtype
 
 # csrc/norm/batch_norm_math.h ActKind, with the default parameter of each.
 ACTIVATIONS = {"identity": (0, 0.0), "relu": (1, 0.0), "leaky_relu": (2, 0.01), "elu": (3, 1.0),
@@ -159,8 +159,7 @@ class BatchNormFunction(torch.autograd.Function):
 
 def readable_inputs(x, residual, who):
     """Checks the input and residual and returns them in a layout the native kernels read in place."""
-    if x.dtype not in DTYPE_CODES:
-        raise TypeError(f"{who}: input dtype {x.dtype} is not supported (float32, float64, float16, bfloat16)")
+    check_dtype(x, who)
     if residual is not None and (residual.shape != x.shape or residual.device != x.device
                                  or residual.dtype != x.dtype):
         raise ValueError(f"{who}: residual must match the input's shape, dtype and device; got "
@@ -236,7 +235,7 @@ def _statistics(x, running_mean, running_var, use_batch_stats, momentum, eps, co
 
 
 def _activate(y, activation, act_param):
-    code, default_param = ACTIVATIONS[activation]
+    _, default_param = ACTIVATIONS[activation]
     param = default_param if act_param is None else act_param
     fns = {"identity": lambda t: t, "relu": torch.relu,
            "leaky_relu": lambda t: torch.nn.functional.leaky_relu(t, param),

@@ -12,7 +12,13 @@ import warnings
 import torch
 
 from danlu import _C
-from danlu._native import DTYPE_CODES, check_cuda_built, is_dense
+from danlu._native import (
+    DTYPE_CODES,
+    check_cuda_built,
+    check_dtype,
+    has_strides,
+    is_dense,
+)
 
 MASK_BITS_PER_WORD = 32
 
@@ -86,9 +92,8 @@ def apply_mask(grad, mask, divisor):
 
 
 def in_layout_of(t, strides):
-    """t (same shape) in the dense layout of `strides`, copied only if its own strides differ (strides of
-    dimensions of size 1 do not matter)."""
-    if all(s == r for s, r, n in zip(t.stride(), strides, t.shape) if n != 1):
+    """t (same shape) in the dense layout of `strides`, copied only if its own strides differ."""
+    if has_strides(t, strides):
         return t
     return torch.empty_strided(t.shape, strides, dtype=t.dtype, device=t.device).copy_(t)
 
@@ -156,8 +161,7 @@ def check_input(x, who, **others):
     """x is a floating tensor of a supported dtype; every other tensor matches its device and dtype."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{who}: input must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in DTYPE_CODES:
-        raise TypeError(f"{who}: input dtype {x.dtype} is not supported (float32, float64, float16, bfloat16)")
+    check_dtype(x, who)
     if x.layout != torch.strided:
         raise TypeError(f"{who}: input must be a dense (strided) tensor, got layout {x.layout}")
     for name, t in others.items():

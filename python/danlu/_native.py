@@ -23,11 +23,20 @@ def is_dense(t: torch.Tensor) -> bool:
     return True
 
 
+def has_strides(t: torch.Tensor, strides) -> bool:
+    """t's strides are `strides` over the dimensions that have more than one element (the others' do not
+    matter)."""
+    return all(st == s for st, s, n in zip(t.stride(), strides, t.shape) if n != 1)
+
+
 def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Same shape and the same strides over the dimensions that have more than one element."""
-    if a.shape != b.shape:
-        return False
-    return all(sa == sb for sa, sb, n in zip(a.stride(), b.stride(), a.shape) if n != 1)
+    return a.shape == b.shape and has_strides(a, b.stride())
+
+
+def check_dtype(x: torch.Tensor, who: str) -> None:
+    if x.dtype not in DTYPE_CODES:
+        raise TypeError(f"{who}: input dtype {x.dtype} is not supported (float32, float64, float16, bfloat16)")
 
 
 def check_cuda_built(device: torch.device) -> None:

@@ -22,10 +22,10 @@ from danlu._batch_norm import (
     native_stats,
     save_for_backward,
 )
-from danlu._dropout import apply_mask, is_dense, mask_words
+from danlu._dropout import apply_mask, mask_words
 from danlu._dropout import input_grads as dropout_input_grads
 from danlu._dropout import native_forward as dropout_native_forward
-from danlu._native import same_layout
+from danlu._native import is_dense, same_layout
 
 
 def _checked_layout(op, x, residual=None):
