@@ -134,8 +134,11 @@ class NoProgress:
         pass
 
 
+SILENT = NoProgress()
+
+
 def run_case(case: Case, device: torch.device, mode: Mode, copy_gbps: float,
-             progress=NoProgress()) -> tuple[list[Row], list[Skipped]]:
+             progress=SILENT) -> tuple[list[Row], list[Skipped]]:
     """Times every implementation of ``case``, one at a time, and turns the times into rows."""
     times: dict[str, tuple[Measurement, Optional[float]]] = {}
     skipped = []

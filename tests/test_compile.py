@@ -15,8 +15,7 @@ import danlu
 import danlu.functional
 import danlu.nn
 from danlu._batch_norm import ACTIVATIONS
-
-from test_batch_norm import CHANNELS_LAST, CONTIGUOUS, forward_backward, fresh_input, randomize_affine
+from helpers.batch_norm import CHANNELS_LAST, CONTIGUOUS, forward_backward, fresh_input, randomize_affine
 
 STEPS = 3  # training steps before the eval step
 # aot_eager runs the traced graph op by op: danlu's kernels and torch's ops around them on the same values

@@ -8,17 +8,17 @@ from __future__ import annotations
 import math
 import warnings
 
-import danlu.functional as DF
-import danlu.nn as dnn
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICES
-from danlu import _C, _dropout
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_optim import supported_isas
+
+import danlu.functional as DF
+import danlu.nn as dnn
+from danlu import _C, _dropout
+from helpers.devices import DEVICES, supported_isas
 
 DTYPES = [
     pytest.param(torch.float32, id="fp32"),

@@ -10,12 +10,34 @@ import torch
 import torch.nn.functional as F
 
 from danlu import _C
-
-from conftest import (
-    CONFIGS, DEVICES, FULL_PRECISION, LOW_PRECISION, ODD_SPECS, OPTIMIZERS, RICH_CONFIGS, SMALL_SPECS,
-    TORCH_FUSED, GradSource, Spec, assert_bitwise_equal, assert_matches, assert_optimizers_match,
-    assert_same_state_keys, assert_steps_equal, clone_like, config_params, make_optimizer, make_params,
-    requires_cuda, scaled_errors, set_grads, snapshot, step, tensors_of, train, twin,
+from helpers.devices import DEVICES, requires_cuda, supported_isas
+from helpers.optim import (
+    CONFIGS,
+    FULL_PRECISION,
+    LOW_PRECISION,
+    ODD_SPECS,
+    OPTIMIZERS,
+    RICH_CONFIGS,
+    SMALL_SPECS,
+    TORCH_FUSED,
+    GradSource,
+    Spec,
+    assert_bitwise_equal,
+    assert_matches,
+    assert_optimizers_match,
+    assert_same_state_keys,
+    assert_steps_equal,
+    clone_like,
+    config_params,
+    make_optimizer,
+    make_params,
+    scaled_errors,
+    set_grads,
+    snapshot,
+    step,
+    tensors_of,
+    train,
+    twin,
 )
 
 RICH = dict(RICH_CONFIGS)
@@ -745,19 +767,6 @@ def test_bad_input_raises_and_changes_nothing(name, kwargs, bad, bad_group, warm
 
 # ---------------------------------------------------------------------------------------------
 # Determinism: ISA variants and thread counts
-
-
-def supported_isas():
-    """The variants set_cpu_isa accepts here; call with the restore_cpu_isa fixture active."""
-    names = []
-    for isa in ("generic", "avx2", "avx512"):
-        try:
-            _C.set_cpu_isa(isa)
-        except ValueError:
-            continue
-        assert _C.cpu_isa() == isa
-        names.append(isa)
-    return names
 
 
 def _cpu_flags():

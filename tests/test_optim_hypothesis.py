@@ -6,8 +6,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import (
-    GradSource, Spec, assert_optimizers_match, make_optimizer, make_params, train, twin,
+from helpers.optim import (
+    GradSource,
+    Spec,
+    assert_optimizers_match,
+    make_optimizer,
+    make_params,
+    train,
+    twin,
 )
 
 TOLERANCE = {torch.float32: 2e-6, torch.float64: 1e-12}

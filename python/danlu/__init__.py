@@ -4,9 +4,13 @@
 # use, so the two share one thread pool instead of fighting over the cores.
 import torch  # noqa: F401
 
-from danlu import _C
-from danlu import functional, nn, optim
-from danlu import _ops  # noqa: F401  (registers the custom ops that torch.compile traces)
+from danlu import (
+    _C,
+    _ops,  # noqa: F401  (registers the custom ops that torch.compile traces)
+    functional,
+    nn,
+    optim,
+)
 
 __version__ = "0.1.0"
 

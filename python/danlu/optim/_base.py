@@ -9,7 +9,6 @@ from danlu import _C
 from danlu._native import DTYPE_CODES, REAL_OF_COMPLEX, check_cuda_built, is_dense, same_layout
 from danlu.optim._table import FIRST_STEP, TensorTable
 
-
 _NO_STATE: dict = {}
 
 
