@@ -1,7 +1,13 @@
 // The one pybind11 module: thin wrappers, no logic (DESIGN.md principle 1).
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <map>
+#include <string>
 
 #include "common/cpu_isa.h"
+#include "common/dtype.h"
+#include "common/multi_tensor.h"
 #include "dropout/dropout.h"
 #include "norm/batch_norm.h"
 #include "optim/optim.h"
@@ -16,6 +22,20 @@ using danlu::StepArgs;
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "danlu native kernels: raw pointers in, no libtorch";
+
+  // Codes the Python side shares with the kernels, defined once in the headers and exported from here.
+  using Codes = std::map<std::string, int>;
+  m.attr("dtype_codes") = Codes{{"float32", int(danlu::DType::Float32)}, {"float64", int(danlu::DType::Float64)},
+                                {"float16", int(danlu::DType::Float16)}, {"bfloat16", int(danlu::DType::BFloat16)}};
+  m.attr("optim_kinds") = Codes{{"Adam", int(danlu::OptimKind::Adam)}, {"SGD", int(danlu::OptimKind::Sgd)},
+                                {"RMSprop", int(danlu::OptimKind::Rmsprop)}, {"Adagrad", int(danlu::OptimKind::Adagrad)}};
+  m.attr("table_rows") = Codes{{"param", danlu::kParamRow}, {"grad", danlu::kGradRow}, {"state", danlu::kStateRow},
+                               {"step", danlu::kStepRow},   {"numel", danlu::kNumelRow}, {"offset", danlu::kOffsetRow},
+                               {"flags", danlu::kFlagsRow}};
+  m.attr("table_num_rows") = int(danlu::kNumRows);
+  m.attr("table_max_states") = danlu::kMaxStates;
+  m.attr("table_first_step_flag") = int(danlu::kFirstStep);
+  m.attr("table_block_elems") = danlu::kCudaElemsPerBlock;
 
   m.def("cpu_isa", [] { return danlu::cpu_isa_name(danlu::cpu_isa()); });
   m.def("set_cpu_isa", &danlu::set_cpu_isa, py::arg("name"));
@@ -49,6 +69,8 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("table", &StepArgs::table)
       .def_readwrite("num_tensors", &StepArgs::num_tensors)
       .def_readwrite("total", &StepArgs::total)
+      .def_readwrite("block_first_tensor", &StepArgs::block_first_tensor)
+      .def_readwrite("num_blocks", &StepArgs::num_blocks)
       .def_readwrite("lr_ptr", &StepArgs::lr_ptr)
       .def_readwrite("lr_is_double", &StepArgs::lr_is_double)
       .def_readwrite("grad_scale_ptr", &StepArgs::grad_scale_ptr)

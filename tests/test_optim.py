@@ -5,11 +5,13 @@ import inspect
 import math
 import pickle
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from danlu import _C
+from danlu.optim._table import BLOCK_ELEMS, block_first_tensor
 from helpers.devices import DEVICES, requires_cuda, supported_isas
 from helpers.optim import (
     CONFIGS,
@@ -137,11 +139,12 @@ LAYOUT_CASES = {
 LAYOUTS = [pytest.param(specs, id=case) for case, specs in LAYOUT_CASES.items()]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("specs", LAYOUTS)
 @pytest.mark.parametrize("dtype, rtol", FULL_PRECISION)
 @pytest.mark.parametrize("name, kwargs", config_params(RICH_CONFIGS))
-def test_layouts_match_torch(name, kwargs, dtype, rtol, specs, poisoned_empty_like):
-    params = make_params(specs, dtype)
+def test_layouts_match_torch(name, kwargs, dtype, rtol, specs, device, poisoned_empty_like):
+    params = make_params(specs, dtype, device)
     ours, ours_p, ref, ref_p = danlu_and_torch(name, kwargs, params)
     assert [p.storage_offset() for p in ours_p] == [s.offset for s in specs]
     train([(ours, ours_p), (ref, ref_p)], GradSource(specs, dtype), STEPS)
@@ -239,14 +242,21 @@ def test_adagrad_added_group_starts_from_torchs_initial_accumulator():
     assert_optimizers_match(ours, ours_p + extra_ours, ref, ref_p + extra_ref, 2e-6)
 
 
+# A tensor lr on the params' device is read by the kernel; one on the CPU next to CUDA params is read first.
+LR_PLACES = [pytest.param("cpu", "cpu", id="cpu"),
+             pytest.param("cuda", "cuda", id="cuda-lr-on-cuda", marks=requires_cuda),
+             pytest.param("cuda", "cpu", id="cuda-lr-on-cpu", marks=requires_cuda)]
+
+
+@pytest.mark.parametrize("device, lr_device", LR_PLACES)
 @pytest.mark.parametrize("dtype, rtol", FULL_PRECISION)
 @pytest.mark.parametrize("lr_dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("name", OPTIMIZERS)
-def test_lr_tensor_same_as_float_lr(name, lr_dtype, dtype, rtol):
+def test_lr_tensor_same_as_float_lr(name, lr_dtype, dtype, rtol, device, lr_device):
     kwargs = dict(RICH[name])
-    lr = torch.tensor(kwargs.pop("lr"), dtype=lr_dtype)
+    lr = torch.tensor(kwargs.pop("lr"), dtype=lr_dtype, device=lr_device)
     specs = SMALL_SPECS + [Spec((1021,))]
-    params = make_params(specs, dtype)
+    params = make_params(specs, dtype, device)
     with_tensor, with_float, reference = twin(params), twin(params), twin(params)
     opt_tensor = make_optimizer("danlu", name, with_tensor, lr=lr.clone(), **kwargs)
     opt_float = make_optimizer("danlu", name, with_float, lr=float(lr), **kwargs)
@@ -584,25 +594,26 @@ def in_layout_of(p, g):
     return out
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype, rtol", FULL_PRECISION)
 @pytest.mark.parametrize("name, kwargs", config_params(CONFIGS))
-def test_grad_scale_matches_torch_fused(name, kwargs, dtype, rtol):
-    """found_inf=0: same step as torch's fused kernel (RMSprop: torch on unscaled grads), and the
-    grads are left unscaled in place, in their own layout."""
-    params = make_params(SCALER_SPECS, dtype)
-    fused = name in TORCH_FUSED
+def test_grad_scale_matches_torch_fused(name, kwargs, dtype, rtol, device):
+    """found_inf=0: same step as torch's fused kernel (where torch has one on this device; otherwise torch on
+    unscaled grads), and the grads are left unscaled in place, in their own layout."""
+    params = make_params(SCALER_SPECS, dtype, device)
+    fused = name in TORCH_FUSED[device]
     ours, ours_p, ref, ref_p = danlu_and_torch(name, kwargs, params, **({"fused": True} if fused else {}))
     src = GradSource(SCALER_SPECS, dtype)
     for i_step in range(8):
         scale = 1024.0 if i_step < 4 else 3.0
         grads = scaled(src(), scale)
         set_grads(ours_p, grads)
-        ours.grad_scale, ours.found_inf = torch.tensor(scale), torch.tensor(0.0)
+        ours.grad_scale, ours.found_inf = torch.tensor(scale, device=device), torch.tensor(0.0, device=device)
         if fused:
             # torch's fused CPU kernels read a grad as if it had its param's strides: give them that.
             for p, g in zip(ref_p, grads):
-                p.grad = in_layout_of(p, g)
-            ref.grad_scale, ref.found_inf = torch.tensor(scale), torch.tensor(0.0)
+                p.grad = in_layout_of(p, g.to(device))
+            ref.grad_scale, ref.found_inf = torch.tensor(scale, device=device), torch.tensor(0.0, device=device)
         else:
             set_grads(ref_p, [g / scale for g in grads])
         strides = [p.grad.stride() for p in ours_p]
@@ -614,14 +625,15 @@ def test_grad_scale_matches_torch_fused(name, kwargs, dtype, rtol):
     assert_optimizers_match(ours, ours_p, ref, ref_p, rtol)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("inf_at_step", [0, 3])
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
 @pytest.mark.parametrize("name, kwargs", config_params(RICH_CONFIGS))
-def test_found_inf_skips_the_step(name, kwargs, dtype, inf_at_step):
+def test_found_inf_skips_the_step(name, kwargs, dtype, inf_at_step, device):
     """found_inf=1: params, every state tensor and step bitwise unchanged; afterwards training goes
     on as if that step never happened."""
     specs = SCALER_SPECS
-    params = make_params(specs, dtype)
+    params = make_params(specs, dtype, device)
     ours, ours_p, ref, ref_p = danlu_and_torch(name, kwargs, params)
     exact_p = twin(params, torch.float64)
     exact = make_optimizer("torch", name, exact_p, **kwargs)
@@ -631,7 +643,7 @@ def test_found_inf_skips_the_step(name, kwargs, dtype, inf_at_step):
         set_grads(ours_p, scaled(grads, 4.0))
         if i_step == inf_at_step:
             ours_p[2].grad.view(-1)[0] = float("inf")
-            ours.grad_scale, ours.found_inf = torch.tensor(4.0), torch.tensor(1.0)
+            ours.grad_scale, ours.found_inf = torch.tensor(4.0, device=device), torch.tensor(1.0, device=device)
             before = snapshot(ours, ours_p)
             step(ours)
             after = snapshot(ours, ours_p)
@@ -641,7 +653,7 @@ def test_found_inf_skips_the_step(name, kwargs, dtype, inf_at_step):
             else:
                 assert_bitwise_equal(after, before)
             continue
-        ours.grad_scale, ours.found_inf = torch.tensor(4.0), torch.tensor(0.0)
+        ours.grad_scale, ours.found_inf = torch.tensor(4.0, device=device), torch.tensor(0.0, device=device)
         step(ours)
         for opt, p in ((ref, ref_p), (exact, exact_p)):
             set_grads(p, grads)
@@ -660,7 +672,7 @@ def test_grad_scaler_training_loop(name, kwargs):
     """torch.amp.GradScaler around real CPU training, one step with an inf grad; the reference is torch
     fused (or, for RMSprop, torch's unscale-then-step path)."""
     models = [small_model(1).float(), small_model(1).float()]
-    torch_kwargs = {"fused": True} if name in TORCH_FUSED else {}
+    torch_kwargs = {"fused": True} if name in TORCH_FUSED["cpu"] else {}
     opts = [make_optimizer("danlu", name, models[0].parameters(), **kwargs),
             make_optimizer("torch", name, models[1].parameters(), **kwargs, **torch_kwargs)]
     scalers = [torch.amp.GradScaler("cpu", init_scale=2.0 ** 12, growth_interval=3) for _ in models]
@@ -750,14 +762,11 @@ def test_bad_input_raises_and_changes_nothing(name, kwargs, bad, bad_group, warm
     target = extra if extra is not None else ours_p[bad_index]
     error, match = _corrupt(bad, [target], 0)
     before = snapshot(ours, ours_p)
+    state_keys = {i: sorted(ours.state.get(p, {})) for i, p in enumerate(ours_p)}
     with pytest.raises(error, match=match):
         step(ours)
-    after = snapshot(ours, ours_p)
-    if warmup:
-        assert_bitwise_equal(after, before)
-    else:  # a first step may have created zero state for the good params, but nothing moved
-        assert all(torch.equal(after[k], v) for k, v in before.items())
-        assert all(float(v) == 0 for k, v in after.items() if k.endswith(".step"))
+    assert_bitwise_equal(snapshot(ours, ours_p), before)
+    assert {i: sorted(ours.state.get(p, {})) for i, p in enumerate(ours_p)} == state_keys, "new state after a raise"
 
     if extra is not None:
         extra.grad = None
@@ -833,14 +842,24 @@ def test_thread_count_does_not_change_results(name, kwargs, dtype, restore_num_t
 # CUDA
 
 
+# Rules whose coefficients need no pow: their CPU and CUDA kernels round every operation alike (update_rules.h,
+# no FMA contraction on either side, IEEE division and square root on both).
+NO_POW = {"SGD", "RMSprop", "Adagrad"}
+# Adam's bias corrections come from the C library's pow on the CPU and CUDA's on the GPU, which may differ in the
+# last bit of a double; that moves a float coefficient by at most one ulp now and then.
+ADAM_CPU_CUDA_RTOL = {torch.float32: 2e-6, torch.float64: 1e-12, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
 @requires_cuda
-@pytest.mark.parametrize("dtype, rtol", FULL_PRECISION)
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
 @pytest.mark.parametrize("name, kwargs", config_params(CONFIGS))
-def test_cpu_and_cuda_agree_on_many_small_tensors(name, kwargs, dtype, rtol):
+def test_cpu_and_cuda_agree_on_many_small_tensors(name, kwargs, dtype):
+    """1000 small tensors (block and chunk boundaries of the CUDA kernel fall everywhere) and a few odd ones:
+    bitwise the CPU's results for the rules without pow, within a last-bit difference of Adam's coefficients."""
     gen = torch.Generator().manual_seed(11)
     specs = [Spec((int(n),)) for n in torch.randint(0, 300, (1000,), generator=gen)]
     specs += [Spec((3, 5)), Spec((100003,)), Spec((2, 3, 4, 5), channels_last=True),
-              Spec((5, 7), offset=1, grad="transposed", grad_offset=3)]
+              Spec((5, 7), offset=1, grad="transposed", grad_offset=3), Spec((70001,), offset=3, grad_offset=1)]
     params = make_params(specs, dtype)
     cpu_p, cuda_p = twin(params), twin(params, device="cuda")
     cpu = make_optimizer("danlu", name, cpu_p, **kwargs)
@@ -848,4 +867,147 @@ def test_cpu_and_cuda_agree_on_many_small_tensors(name, kwargs, dtype, rtol):
     train([(cpu, cpu_p), (cuda, cuda_p)], GradSource(specs, dtype), 10)
     torch.cuda.synchronize()
     assert all(p.device.type == "cuda" for p in cuda_p)
-    assert_optimizers_match(cuda, cuda_p, cpu, cpu_p, rtol)
+    if name in NO_POW:
+        assert_bitwise_equal({k: v.cpu() for k, v in snapshot(cuda, cuda_p).items()}, snapshot(cpu, cpu_p))
+    else:
+        assert_optimizers_match(cuda, cuda_p, cpu, cpu_p, ADAM_CPU_CUDA_RTOL[dtype])
+
+
+@requires_cuda
+@pytest.mark.parametrize("name, kwargs", config_params(RICH_CONFIGS))
+def test_cuda_step_on_side_streams_matches_torch(name, kwargs):
+    """Steps go round the current stream and two side streams, each made to wait for the work before it, as
+    torch's stream semantics ask: the step kernel's scratch counter is zeroed on the stream it runs on."""
+    specs = SMALL_SPECS + [Spec((100003,)), Spec((40000,))]
+    params = make_params(specs, torch.float32, "cuda")
+    ours, ours_p, ref, ref_p = danlu_and_torch(name, kwargs, params)
+    main = torch.cuda.current_stream()
+    streams = [main, torch.cuda.Stream(), torch.cuda.Stream()]
+    src = GradSource(specs, torch.float32)
+    for i in range(9):
+        grads = src()
+        set_grads(ours_p, grads)
+        set_grads(ref_p, grads)
+        side = streams[i % 3]
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            step(ours)
+        main.wait_stream(side)
+        step(ref)
+    torch.cuda.synchronize()
+    assert_optimizers_match(ours, ours_p, ref, ref_p, 2e-6)
+
+
+@requires_cuda
+@pytest.mark.parametrize("name, kwargs", config_params(RICH_CONFIGS))
+def test_cuda_two_optimizers_on_two_streams_match_torch(name, kwargs):
+    """Two optimizers with their own params stepping at the same time on two streams."""
+    specs = SMALL_SPECS + [Spec((300001,))]
+    first, second = make_params(specs, torch.float32, "cuda", seed=1), make_params(specs, torch.float32, "cuda", seed=2)
+    runs = [danlu_and_torch(name, kwargs, params) for params in (first, second)]
+    main, streams = torch.cuda.current_stream(), [torch.cuda.Stream(), torch.cuda.Stream()]
+    sources = [GradSource(specs, torch.float32, seed=3), GradSource(specs, torch.float32, seed=4)]
+    for _ in range(6):
+        for (_, ours_p, ref, ref_p), src in zip(runs, sources):
+            grads = src()
+            set_grads(ours_p, grads)
+            set_grads(ref_p, grads)
+            step(ref)
+        for (ours, _, _, _), side in zip(runs, streams):
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                step(ours)
+        for side in streams:
+            main.wait_stream(side)
+    torch.cuda.synchronize()
+    for ours, ours_p, ref, ref_p in runs:
+        assert_optimizers_match(ours, ours_p, ref, ref_p, 2e-6)
+
+
+@requires_cuda
+@pytest.mark.large
+@pytest.mark.parametrize("name, kwargs, dtype", [
+    pytest.param("SGD", dict(lr=0.05, momentum=0.9, nesterov=True), torch.bfloat16, id="SGD-nesterov-bf16"),
+    pytest.param("Adagrad", dict(lr=0.1, weight_decay=0.05), torch.float16, id="Adagrad-fp16"),
+])
+def test_cuda_tensor_past_2_31_elements(name, kwargs, dtype):
+    """One param of 2^31 + 13 elements (4 GiB in 16 bits) next to a small one: 64-bit indexing from the block
+    map to the last vector. Slices at the start, around 2^31 and at the end match the CPU kernel on the same
+    values bit for bit (no pow in these rules)."""
+    numel = 2**31 + 13
+    big = torch.nn.Parameter(torch.empty(numel, dtype=dtype, device="cuda").uniform_(-1, 1))
+    small = torch.nn.Parameter(torch.randn(7, dtype=dtype, device="cuda"))
+    windows = [slice(0, 4096), slice(2**31 - 2048, 2**31 + 2048), slice(numel - 4096, numel)]
+    cpu_p = [torch.nn.Parameter(big.detach()[w].cpu()) for w in windows] + [torch.nn.Parameter(small.detach().cpu())]
+    ours = make_optimizer("danlu", name, [big, small], **kwargs)
+    cpu = make_optimizer("danlu", name, cpu_p, **kwargs)
+    for _ in range(2):
+        big.grad = torch.empty_like(big).uniform_(-1, 1)
+        small.grad = torch.randn_like(small)
+        for p, w in zip(cpu_p, windows):
+            p.grad = big.grad[w].cpu()
+        cpu_p[-1].grad = small.grad.cpu()
+        step(ours)
+        step(cpu)
+    torch.cuda.synchronize()
+    for p, w in zip(cpu_p, windows):
+        assert torch.equal(big.detach()[w].cpu(), p.detach()), f"elements {w.start}..{w.stop} differ"
+    assert torch.equal(small.detach().cpu(), cpu_p[-1].detach())
+
+
+# ---------------------------------------------------------------------------------------------
+# The CUDA kernel's walk over a table, modelled on the CPU
+
+
+def walk_like_the_cuda_kernel(numel, itemsize, threads=256):
+    """Every (tensor, element) the step kernel of csrc/optim/optim_cuda.cu updates, in a NumPy model of its
+    blocks (from the table's real block map), chunks of `threads` tensors and vectors dealt to threads."""
+    width = 16 // itemsize
+    padded = -(-numel // width) * width
+    offsets = np.zeros(len(numel), dtype=np.int64)
+    np.cumsum(padded[:-1], out=offsets[1:])
+    total = int(padded.sum())
+    blocks = max(1, -(-total // BLOCK_ELEMS))
+    first_of_block = block_first_tensor(offsets, blocks)
+    visited = []
+    for b in range(blocks):
+        begin, end = b * BLOCK_ELEMS, min((b + 1) * BLOCK_ELEMS, total)
+        first = int(first_of_block[b])
+        while True:
+            mine = np.arange(first, min(first + threads, len(numel)))
+            start = offsets[mine][offsets[mine] < end]
+            count = len(start)
+            if count == 0:
+                break
+            assert np.array_equal(start, offsets[first:first + count]), "the chunk is not a prefix of the threads"
+            lo = max(begin, int(start[0]))
+            hi = min(end, int(offsets[first + count])) if count == threads and first + count < len(numel) else end
+            assert lo % width == 0
+            for v in range(lo, hi, width):
+                seg = int(np.searchsorted(start, v, side="right") - 1)
+                index = v - int(start[seg])
+                valid = max(0, min(width, int(numel[first + seg]) - index))
+                visited += [(first + seg, index + j) for j in range(valid)]
+            if count < threads:
+                break
+            first += threads
+    return visited
+
+
+@pytest.mark.parametrize("itemsize", [2, 4, 8])
+@pytest.mark.parametrize("case", ["empties-and-ones", "chunk-boundaries", "big-and-small", "all-empty"])
+def test_block_map_walk_updates_every_element_once(case, itemsize):
+    """The host's block map and the kernel's walk together cover every element of every tensor exactly once:
+    tensors spanning blocks, more than one chunk of tensors in a block, empty tensors anywhere."""
+    gen = np.random.default_rng(7)
+    numel = {
+        "empties-and-ones": gen.choice([0, 0, 1, 2, 3], 2000),
+        "chunk-boundaries": gen.integers(0, 40, 900),
+        "big-and-small": np.concatenate([gen.integers(0, 9, 300), [3 * BLOCK_ELEMS + 5], gen.integers(0, 5000, 40),
+                                         [0, 0, BLOCK_ELEMS - 1]]),
+        "all-empty": np.zeros(5, dtype=np.int64),
+    }[case].astype(np.int64)
+    visited = walk_like_the_cuda_kernel(numel, itemsize)
+    expected = [(t, i) for t, n in enumerate(numel) for i in range(int(n))]
+    assert len(visited) == len(set(visited)), "an element is updated twice"
+    assert sorted(visited) == expected

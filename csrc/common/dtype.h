@@ -15,7 +15,7 @@
 
 namespace danlu {
 
-// Codes shared with python/danlu/_native.py.
+// Codes exported to Python as danlu._C.dtype_codes.
 enum class DType : int { Float32 = 0, Float64 = 1, Float16 = 2, BFloat16 = 3 };
 
 struct alignas(2) Half { uint16_t bits; };

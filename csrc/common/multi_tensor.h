@@ -10,7 +10,7 @@
 
 namespace danlu {
 
-// Rows of the table, an int64 array of shape [kNumRows, n]. Keep in step with _table.py.
+// Rows of the table, an int64 array of shape [kNumRows, n] (exported to Python as danlu._C.table_rows).
 enum TableRow : int {
   kParamRow = 0,
   kGradRow = 1,
@@ -23,6 +23,9 @@ enum TableRow : int {
 };
 constexpr int kMaxStates = 3;
 enum TensorFlag : int64_t { kFirstStep = 1 };
+// CUDA: block b of a step owns virtual elements [b, b + 1) * kCudaElemsPerBlock (a multiple of every vector
+// width), and starts at the tensor that Python's table names for it (exported as danlu._C.table_block_elems).
+constexpr int64_t kCudaElemsPerBlock = 8192;
 
 struct TensorTable {
   int64_t* rows;  // [kNumRows, n]; the step kernels clear kFirstStep flags once they have run

@@ -16,8 +16,8 @@ DANLU_DECLARE_CPU_ISA(avx512)
 #undef DANLU_DECLARE_CPU_ISA
 
 #ifdef DANLU_WITH_CUDA
-// One kernel launch on `stream` of `device`. `step_counter` is a zeroed uint32 in device memory that the
-// kernel's last block uses to update steps and flags once, and leaves zeroed again.
+// One kernel launch on `stream` of `device`. `step_counter` is a uint32 of device scratch memory (zeroed on
+// `stream` before the launch) with which the kernel's last block finds itself, to update steps and flags once.
 void optim_step_cuda(const StepArgs& args, int device, uintptr_t stream, uintptr_t step_counter);
 #endif
 

@@ -25,6 +25,9 @@ struct StepArgs {
        centered = false;
   uintptr_t table = 0;  // int64 [kNumRows, num_tensors], host memory for CPU, device memory for CUDA
   int64_t num_tensors = 0, total = 0;
+  // CUDA: int64 [num_blocks], the first tensor of each block's virtual range (common/multi_tensor.h).
+  uintptr_t block_first_tensor = 0;
+  int64_t num_blocks = 0;
   uintptr_t lr_ptr = 0;  // 0-d lr tensor on the params' device, or 0 to use lr
   bool lr_is_double = false;
   uintptr_t grad_scale_ptr = 0, found_inf_ptr = 0;  // float32 0-d tensors from GradScaler, or 0

@@ -5,8 +5,8 @@ import torch
 
 from danlu import _C
 
-# Codes of csrc/common/dtype.h.
-DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+# The dtype codes of csrc/common/dtype.h.
+DTYPE_CODES = {getattr(torch, name): code for name, code in _C.dtype_codes.items()}
 # Complex tensors are updated through their real view, as torch's optimizers do.
 REAL_OF_COMPLEX = {torch.complex64: torch.float32, torch.complex128: torch.float64}
 

@@ -20,8 +20,8 @@ OPTIMIZERS = {
     "RMSprop": (danlu.optim.RMSprop, torch.optim.RMSprop),
     "Adagrad": (danlu.optim.Adagrad, torch.optim.Adagrad),
 }
-# Optimizers for which torch has a fused CPU implementation (GradScaler reference).
-TORCH_FUSED = {"Adam", "AdamW", "SGD", "Adagrad"}
+# Optimizers for which torch has a fused implementation on each device (the GradScaler reference).
+TORCH_FUSED = {"cpu": {"Adam", "AdamW", "SGD", "Adagrad"}, "cuda": {"Adam", "AdamW", "SGD"}}
 
 # Every option of every optimizer alone, then combinations. lr is large enough that every step
 # visibly moves every element.

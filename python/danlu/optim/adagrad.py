@@ -1,15 +1,14 @@
 import torch
 
+from danlu import _C
 from danlu.optim._base import FusedOptimizer
-
-_ADAGRAD = 3  # OptimKind::Adagrad
 
 
 class Adagrad(FusedOptimizer, torch.optim.Adagrad):
     """torch.optim.Adagrad with lr_decay, weight decay, initial accumulator and maximize, fused (dense
     grads only: sparse grads raise)."""
 
-    _kind = _ADAGRAD
+    _kind = _C.optim_kinds["Adagrad"]
 
     def __init__(self, params, lr=1e-2, lr_decay=0, weight_decay=0, initial_accumulator_value=0, eps=1e-10,
                  foreach=None, *, maximize=False, differentiable=False, fused=None):
@@ -28,7 +27,7 @@ class Adagrad(FusedOptimizer, torch.optim.Adagrad):
         if state.get("sum") is None:
             state["sum"] = torch.full_like(p, complex(value, value) if p.is_complex() else value,
                                            memory_format=torch.preserve_format)
-        return super()._init_state(p, group)
+        super()._init_state(p, group)
 
     def _hyper(self, group):
         return {"lr_decay": float(group["lr_decay"]), "weight_decay": float(group["weight_decay"]),

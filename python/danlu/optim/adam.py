@@ -1,14 +1,13 @@
 import torch
 
+from danlu import _C
 from danlu.optim._base import FusedOptimizer
-
-_ADAM = 0  # OptimKind::Adam
 
 
 class Adam(FusedOptimizer, torch.optim.Adam):
     """torch.optim.Adam with every option, as one fused kernel per param group, device and dtype."""
 
-    _kind = _ADAM
+    _kind = _C.optim_kinds["Adam"]
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *,
                  foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,

@@ -1,15 +1,14 @@
 import torch
 
+from danlu import _C
 from danlu.optim._base import FusedOptimizer
-
-_RMSPROP = 2  # OptimKind::Rmsprop
 
 
 class RMSprop(FusedOptimizer, torch.optim.RMSprop):
     """torch.optim.RMSprop with momentum, centered, weight decay and maximize, fused (torch has no
     fused RMSprop)."""
 
-    _kind = _RMSPROP
+    _kind = _C.optim_kinds["RMSprop"]
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0, centered=False,
                  capturable=False, foreach=None, maximize=False, differentiable=False):

@@ -1,16 +1,16 @@
 import torch
 
+from danlu import _C
 from danlu.optim._base import FusedOptimizer
 from danlu.optim._table import FIRST_STEP
-
-_SGD = 1  # OptimKind::Sgd
 
 
 class SGD(FusedOptimizer, torch.optim.SGD):
     """torch.optim.SGD with momentum, dampening, Nesterov, weight decay and maximize, fused."""
 
-    _kind = _SGD
+    _kind = _C.optim_kinds["SGD"]
     _counts_steps = False  # torch's SGD keeps no step
+    _optional_state = ("momentum_buffer",)  # torch starts a missing buffer from the grad
 
     def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *,
                  maximize=False, foreach=None, differentiable=False, fused=None):
@@ -21,10 +21,9 @@ class SGD(FusedOptimizer, torch.optim.SGD):
     def _state_names(self, group):
         return ("momentum_buffer" if group["momentum"] != 0 else None, None, None)
 
-    def _init_state(self, p, group):
-        # torch starts the buffer as a copy of the first grad; the kernel does that copy when it runs.
-        self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        return FIRST_STEP
+    def _fresh_flags(self, group):
+        # torch starts the buffer as a copy of the first grad; the kernel makes that copy when the step runs.
+        return FIRST_STEP if group["momentum"] != 0 else 0
 
     def _hyper(self, group):
         return {"momentum": float(group["momentum"]), "dampening": float(group["dampening"]),
