@@ -356,3 +356,27 @@ def test_tensors_that_share_memory_raise_a_clear_error(name, kwargs):
     p.grad = p.detach()
     with pytest.raises(ValueError, match="overlap"):
         step(opt)
+
+
+@pytest.mark.parametrize("where", ["param", "grad", "state"])
+@pytest.mark.parametrize("name, kwargs", config_params(RICH_CONFIGS))
+def test_wrapper_subclass_without_memory_raises_a_clear_error(name, kwargs, where):
+    """A tensor subclass that wraps others (a DTensor of FSDP2, here torch's test TwoTensor) reports data_ptr() 0:
+    handing that to the kernel killed the process with SIGSEGV."""
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    runs = runs_of(name, kwargs)
+    train(runs, GradSource(SPECS, torch.float32), WARMUP if where == "state" else 0)
+    (ours, params), _ = runs
+    p = params[0]
+    if where == "param":
+        p.data = TwoTensor(p.detach().clone(), p.detach().clone())
+    if where in ("param", "grad"):
+        p.grad = TwoTensor(torch.randn(p.shape), torch.randn(p.shape))
+    else:
+        key = next(k for k in ours.state[p] if k != "step")
+        ours.state[p][key] = TwoTensor(ours.state[p][key].clone(), ours.state[p][key].clone())
+    for q in params[1:]:
+        q.grad = torch.randn(q.shape).contiguous(memory_format=torch.preserve_format)
+    with pytest.raises(TypeError, match="without memory of its own"):
+        step(ours)

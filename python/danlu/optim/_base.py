@@ -188,6 +188,13 @@ class _Bucket:
                 self.params[i].grad.copy_(staging)
 
 
+def _check_has_storage(t, what):
+    """A tensor subclass that wraps others (a DTensor, a FakeTensor) has no memory of its own to hand a kernel."""
+    if t.layout is torch.strided and t.numel() > 0 and t.data_ptr() == 0:
+        raise TypeError(f"{what} is a {type(t).__name__} without memory of its own (data_ptr() is 0); danlu's "
+                        "kernels update plain dense tensors, not tensor subclasses that wrap others")
+
+
 def _checked_lr(lr, group_index):
     """lr as the kernel takes it; raises what torch's constructor raises for a tensor lr that is not one value,
     and TypeError for anything that is not a number."""
@@ -355,6 +362,8 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _check_param(self, p, group):
         """Everything the kernel relies on about p, its grad and its state. Returns p's table flags."""
         g, name, where = p.grad, self._name(), _Where(self, p)
+        for what, t in (("", p), ("the grad of ", g)):
+            _check_has_storage(t, f"{name}: {what}{where}")
         if g.is_sparse or g.layout is not torch.strided:
             raise RuntimeError(f"{name} does not support sparse gradients ({where} has a {g.layout} grad)")
         self._check_dtype(p)
@@ -393,6 +402,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         name = self._name()
         if not isinstance(s, torch.Tensor):
             raise TypeError(f"{name}: state '{key}' of {where} is a {type(s).__name__}, not a tensor")
+        _check_has_storage(s, f"{name}: state '{key}' of {where}")
         for what, got, want in (("shape", tuple(s.shape), tuple(p.shape)), ("dtype", s.dtype, p.dtype),
                                 ("device", s.device, p.device)):
             if got != want:
