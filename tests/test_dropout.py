@@ -1025,7 +1025,7 @@ CSRC = Path(__file__).resolve().parents[1] / "csrc"
 @pytest.mark.skipif(shutil.which("nvcc") is None or not (CSRC / "dropout" / "dropout_cuda.cu").exists(),
                     reason="needs nvcc and the sources")
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90", "sm_100"])
-def test_cuda_kernels_keep_their_vectors_in_registers(arch, tmp_path):
+def test_dropout_kernels_compile_without_stack_or_spills(arch, tmp_path):
     """ptxas -v for every dropout kernel: no stack frame and no spills. A scalar `for (j < n)` loop or a
     `break` over the per-lane vectors, or a register budget the kernels outgrow, turns them into local
     memory, which this catches without a GPU. (The flags that change code generation are CMakeLists.txt's.)"""
