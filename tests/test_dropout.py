@@ -1019,6 +1019,17 @@ def test_cuda_generator_and_cuda_p(device):
         assert torch.equal(DF.dropout(x.to(dev), p, generator=gen(55)).cpu(), DF.dropout(x, 0.4, generator=gen(55)))
 
 
+@pytest.mark.parametrize("device", CUDA)
+def test_cuda_residual_and_bias_on_another_device_are_refused(device):
+    x = torch.randn(4, 5, device=device)
+    with pytest.raises(ValueError, match="residual is on cpu but the input is on cuda"):
+        DF.dropout_add(x, torch.randn(4, 5), 0.5)
+    with pytest.raises(ValueError, match="bias is on cpu but the input is on cuda"):
+        DF.dropout_add(x, torch.randn(4, 5, device=device), 0.5, bias=torch.randn(5))
+    with pytest.raises(ValueError, match="residual is on cuda"):
+        DF.dropout_add(x.cpu(), torch.randn(4, 5, device=device), 0.5)
+
+
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
 
 
