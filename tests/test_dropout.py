@@ -1069,33 +1069,38 @@ LARGE_NUMEL = (1 << 31) + 1029  # past 2^31, and not a multiple of a vector, a b
 
 @pytest.mark.large
 @pytest.mark.parametrize("device", CUDA)
-def test_cuda_dropout_past_2_31_elements(device):
-    """fp32 (24 GiB): the grid is capped there, so warps take a second tile; every mask bit against the values,
-    the backward against the forward, and slices at the ends, around 2^31 and where the second tiles start
-    against the reference."""
-    if _free_cuda_bytes(device) < 28 << 30:
-        pytest.skip("needs 28 GiB of free GPU memory")
-    numel, p, seed = LARGE_NUMEL, 0.3, 0x5EED5EED5EED
-    x = torch.rand(numel, device=device).add_(0.5)  # never 0: y != 0 exactly where kept
+def test_cuda_kernels_past_2_31_elements(device):
+    """fp32 forward with residual and a bias of 4099 columns, and backward (40 GiB at most): the grid is capped
+    there, so warps take a second tile, whose bias columns are followed by additions. Every element against
+    torch's arithmetic on the mask's bits; the mask against the reference at the ends, around 2^31 and where
+    the second tiles start."""
+    if _free_cuda_bytes(device) < 40 << 30:
+        pytest.skip("needs 40 GiB of free GPU memory")
+    numel, columns, p, seed = LARGE_NUMEL, 4099, 0.3, 0x5EED5EED5EED
+    x, r = torch.randn(numel, device=device), torch.randn(numel, device=device)
+    bias = torch.randn(columns, device=device)
     mask = torch.full((_dropout.mask_words(numel),), -1, dtype=torch.int32, device=device)
-    y = _dropout.draw(x, 1 - p, 1 - p, seed, mask=mask)
+    y = _dropout.draw(x, 1 - p, 1 - p, seed, residual=r, bias=bias, mask=mask)
+    dx = _dropout.apply_mask(r, mask, 1 - p)
+    assert (int(mask[-1]) & 0xFFFFFFFF) >> (numel % 32) == 0  # no bits past the last element
     chunk = 1 << 28
+    shifts = torch.arange(32, device=device, dtype=torch.int32)
+    # A tensor divisor: torch on CUDA multiplies by the reciprocal of a Python number, the kernels divide.
+    divisor = torch.tensor(1 - p, device=device)
     for lo in range(0, numel, chunk):
         hi = min(lo + chunk, numel)
-        bits = (mask[lo // 32:(hi + 31) // 32].unsqueeze(1) >> torch.arange(32, device=device, dtype=torch.int32)) & 1
-        assert torch.equal(bits.flatten()[:hi - lo].bool(), y[lo:hi] != 0), lo
-    assert (int(mask[-1]) & 0xFFFFFFFF) >> (numel % 32) == 0
-    dx = _dropout.apply_mask(x, mask, 1 - p)  # dy = x: dx is y again
-    assert torch.equal(dx, y)
-    del dx
-    grid_second_tiles = 524280 * 4096  # blocks_for's cap times the elements per block (fp32)
+        kept = ((mask[lo // 32:(hi + 31) // 32].unsqueeze(1) >> shifts) & 1).flatten()[:hi - lo].bool()
+        v = x[lo:hi] + bias[torch.arange(lo, hi, device=device) % columns]
+        assert torch.equal(y[lo:hi], r[lo:hi] + torch.where(kept, v / divisor, v * 0)), lo
+        assert torch.equal(dx[lo:hi], torch.where(kept, r[lo:hi] / divisor, r[lo:hi] * 0)), lo
+        del kept, v
+    second_tiles = 524280 * 4096  # blocks_for's cap times the elements of a block (fp32)
 
     def check(lo, hi, keep):
-        assert torch.equal(y[lo:hi].cpu(), expected_dropout(x[lo:hi].cpu(), keep, p)), lo
         assert torch.equal(unpack_mask(mask[lo // 32:(hi + 31) // 32], hi - lo + lo % 32)[lo % 32:], keep), lo
 
     _check_slices(numel, seed, p, [(0, 8192), ((1 << 31) - 8192, (1 << 31) + 8192),
-                                   (grid_second_tiles - 8192, grid_second_tiles + 8192), (numel - 8192, numel)], check)
+                                   (second_tiles - 8192, second_tiles + 8192), (numel - 8192, numel)], check)
 
 
 @pytest.mark.large
