@@ -112,6 +112,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("batch_norm_backward_apply_cpu", &danlu::batch_norm_backward_apply_cpu, py::arg("args"),
         py::arg("num_threads"), no_gil);
 
+  m.attr("DROPOUT_MASK_BITS") = danlu::kDropoutMaskBits;
+  m.attr("DROPOUT_MAX_BIAS_SIZE") = danlu::kDropoutMaxBiasSize;
   py::class_<DropoutArgs>(m, "DropoutArgs")
       .def(py::init<>())
       .def_readwrite("dtype", &DropoutArgs::dtype)

@@ -6,7 +6,11 @@ DropConnect, dropout_add, and bad input."""
 from __future__ import annotations
 
 import math
+import re
+import shutil
+import subprocess
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +22,7 @@ from hypothesis import strategies as st
 import danlu.functional as DF
 import danlu.nn as dnn
 from danlu import _C, _dropout
-from helpers.devices import DEVICES, supported_isas
+from helpers.devices import DEVICES, requires_cuda, supported_isas
 
 DTYPES = [
     pytest.param(torch.float32, id="fp32"),
@@ -45,17 +49,21 @@ def philox4x32_10(counter, key):
     return c0, c1, c2, c3
 
 
-def reference_words(numel, seed, offset=0):
-    groups = np.arange((numel + 3) // 4, dtype=np.uint64)
+def reference_words(numel, seed, offset=0, start=0):
+    """The Philox words of elements start, ..., start + numel - 1."""
+    first_group = start // 4
+    groups = np.arange(first_group, (start + numel + 3) // 4, dtype=np.uint64)
     words = philox4x32_10((groups & _MASK32, groups >> np.uint64(32), np.full_like(groups, offset & 0xFFFFFFFF),
                            np.full_like(groups, offset >> 32)), (seed & 0xFFFFFFFF, seed >> 32))
-    return np.stack(words, axis=1).reshape(-1)[:numel]
+    skip = start - 4 * first_group
+    return np.stack(words, axis=1).reshape(-1)[skip:skip + numel]
 
 
-def reference_keep(numel, seed, p, offset=0):
-    """Kept elements: Philox word below round((1 - p) * 2^32), capped at 2^32 - 1."""
+def reference_keep(numel, seed, p, offset=0, start=0):
+    """Kept elements (of start, ..., start + numel - 1): Philox word below round((1 - p) * 2^32), capped at
+    2^32 - 1."""
     threshold = min(round((1.0 - p) * 2.0**32), 2**32 - 1)
-    return torch.from_numpy(reference_words(numel, seed, offset) < threshold)
+    return torch.from_numpy(reference_words(numel, seed, offset, start) < threshold)
 
 
 def seed_of(generator_seed):
@@ -123,6 +131,36 @@ def test_masks_do_not_depend_on_threads(num_threads, restore_num_threads):
     torch.set_num_threads(num_threads)
     y = DF.dropout(x, 0.5, generator=torch.Generator().manual_seed(8))
     assert torch.equal(y, expected_dropout(x, reference_keep(x.numel(), seed_of(8), 0.5), 0.5))
+
+
+def expected_dropout_add(x, residual, bias, keep, p):
+    """residual + drop(x + bias) in the math type, rounded once to x's dtype; bias: x.shape[-1] values."""
+    math_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    v = x.to(math_dtype) + (0 if bias is None else bias.to(math_dtype))
+    return (residual.to(math_dtype) + torch.where(keep.to(x.device), v / (1.0 - p), v * 0)).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_threads", [1, 2, 3])
+@pytest.mark.parametrize("isa", supported_isas())
+def test_forward_and_backward_bits_do_not_depend_on_isa_or_threads(isa, num_threads, dtype, restore_cpu_isa,
+                                                                   restore_num_threads):
+    """Every ISA variant on 1 to 3 threads (which split the tensor in the middle of bias rows) gives the
+    reference's mask words and values bit for bit, for the fused residual + bias forward and the backward."""
+    _C.set_cpu_isa(isa)
+    torch.set_num_threads(num_threads)
+    rows, columns, p, seed, offset = 99, 1001, 0.35, 0xC0FFEE123, 5  # 99099 elements: 3 threads' worth
+    gen = torch.Generator().manual_seed(24)
+    x, residual, dy = (torch.randn(rows, columns, generator=gen).to(dtype) for _ in range(3))
+    bias = torch.randn(columns, generator=gen).to(dtype)
+    y = torch.full_like(x, math.nan)
+    mask = torch.full((_dropout.mask_words(x.numel()),), -1, dtype=torch.int32)
+    _dropout.draw(x, 1 - p, 1 - p, seed, offset, out=y, residual=residual, bias=bias, mask=mask)
+    keep = reference_keep(x.numel(), seed, p, offset)
+    assert torch.equal(unpack_mask(mask, x.numel()), keep)
+    assert torch.equal(y, expected_dropout_add(x, residual, bias, keep.view(rows, columns), p))
+    dx = _dropout.apply_mask(dy, mask, 1 - p)
+    assert torch.equal(dx, expected_dropout(dy, keep.view(rows, columns), p))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,7 +302,7 @@ LAYOUTS = {
     "contiguous": lambda x: x,
     "channels_last": _channels_last,
     "transposed": lambda x: x.transpose(0, 3),
-    "misaligned": lambda x: torch.empty(x.numel() + 3, dtype=x.dtype).narrow(0, 3, x.numel()).view(x.shape).copy_(x),
+    "misaligned": lambda x: x.new_empty(x.numel() + 3).narrow(0, 3, x.numel()).view(x.shape).copy_(x),
     "strided_slice": lambda x: torch.cat([x, x], dim=3)[..., ::2],
 }
 
@@ -449,12 +487,16 @@ def test_drop_connect_state_dict_is_a_linears():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("bias_shape", [None, (33,), (1, 33), (7, 1)], ids=["no-bias", "H", "1xH", "per-row"])
-def test_dropout_add_equals_its_definition(dtype, bias_shape, poisoned_empty_like):
-    x = torch.randn(7, 33, dtype=dtype, requires_grad=True)
-    residual = torch.randn(7, 33, dtype=dtype, requires_grad=True)
+@pytest.mark.parametrize("shape, bias_shape", [
+    ((7, 33), None), ((7, 33), (33,)), ((7, 33), (1, 33)), ((7, 33), (7, 1)),
+    ((7, 7), (7, 1)), ((7, 7), (1, 7)), ((3, 7, 7), (7, 1)), ((3, 7, 7), (3, 1, 7)),
+], ids=["no-bias", "H", "1xH", "per-row", "per-row-square", "1xH-square", "per-row-3d", "per-sample"])
+def test_dropout_add_equals_its_definition(dtype, shape, bias_shape, poisoned_empty_like):
+    """A per-row (7, 1) bias on a (7, 7) input has as many values as a row: it must still go by rows."""
+    x = torch.randn(shape, dtype=dtype, requires_grad=True)
+    residual = torch.randn(shape, dtype=dtype, requires_grad=True)
     bias = torch.randn(bias_shape, dtype=dtype, requires_grad=True) if bias_shape else None
-    dy = torch.randn(7, 33, dtype=dtype)
+    dy = torch.randn(shape, dtype=dtype)
     p = 0.3
     fused = DF.dropout_add(x, residual, p, bias=bias, generator=torch.Generator().manual_seed(18))
     fused.backward(dy)
@@ -490,31 +532,326 @@ def test_dropout_add_saves_one_bit_per_element():
 
 
 # ---------------------------------------------------------------------------------------------
-# Bad input
+# Bad input: torch's exception where torch has the function (danlu's message names the argument), a clear one
+# elsewhere; raised before anything changes (inplace inputs and the generator's state stay as they were).
+
+FAMILY_SHAPES = {"dropout": (4, 5), "dropout1d": (2, 3, 4), "dropout2d": (2, 3, 4, 5), "dropout3d": (2, 3, 2, 4, 5),
+                 "dropout_add": (4, 5), "drop_path": (4, 5)}
+TORCH_FUNCTIONS = {"dropout": F.dropout, "dropout1d": F.dropout1d, "dropout2d": F.dropout2d, "dropout3d": F.dropout3d}
+MODULES = {"Dropout": (dnn.Dropout, (4, 5)), "Dropout1d": (dnn.Dropout1d, (2, 3, 4)),
+           "Dropout2d": (dnn.Dropout2d, (2, 3, 4, 5)), "Dropout3d": (dnn.Dropout3d, (2, 3, 2, 4, 5)),
+           "DropPath": (dnn.DropPath, (4, 5))}
 
 
-def test_bad_input_is_a_clear_error():
+def call_family(name, x, p=0.5, training=True, **kwargs):
+    """danlu.functional.<name>(x, p, training, **kwargs); dropout_add gets a residual like x."""
+    if name == "dropout_add":
+        residual = x.clone() if isinstance(x, torch.Tensor) else torch.randn(4, 5)
+        return DF.dropout_add(x, residual, p, training, **kwargs)
+    return getattr(DF, name)(x, p, training, **kwargs)
+
+
+def torch_raises(fn):
+    """The exception class fn raises (None if it returns)."""
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 (any class: the tests compare it)
+        return type(e)
+    return None
+
+
+@pytest.mark.parametrize("name", list(FAMILY_SHAPES))
+@pytest.mark.parametrize("p_dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_p_as_a_0d_tensor_is_its_value(name, p_dtype):
+    """torch's dropout functions take p as a 0-d tensor (read with .item()); so does every danlu function."""
+    x = torch.rand(FAMILY_SHAPES[name]) + 0.5
+    p = torch.tensor(0.3, dtype=p_dtype)
+    want = call_family(name, x, float(p), generator=torch.Generator().manual_seed(30))
+    got = call_family(name, x, p, generator=torch.Generator().manual_seed(30))
+    assert torch.equal(got, want) and not torch.equal(got, x)
+    if name in TORCH_FUNCTIONS:
+        TORCH_FUNCTIONS[name](x, p)  # accepted by torch too
+    identity = call_family(name, x, 0.0)  # (x itself, or x + residual for dropout_add)
+    for zero in (torch.tensor(0), torch.tensor(False)):  # integer and bool 0-d tensors, as torch takes them
+        assert torch.equal(call_family(name, x, zero), identity)
+
+
+@pytest.mark.parametrize("name", list(MODULES) + ["DropConnect"])
+def test_modules_take_p_as_a_0d_tensor(name):
+    if name == "DropConnect":
+        def make(p):
+            torch.manual_seed(31)
+            return dnn.DropConnect(5, 3, p=p)
+        x = torch.randn(4, 5)
+    else:
+        cls, shape = MODULES[name]
+        make, x = cls, torch.rand(shape) + 0.5
+    torch.manual_seed(32)
+    want = make(0.3)(x)
+    torch.manual_seed(32)
+    got = make(torch.tensor(0.3))(x)
+    assert torch.equal(got, want)
+
+
+P_TENSORS = {
+    "two-elements": (torch.tensor([0.5, 0.2]), RuntimeError),
+    "no-elements": (torch.tensor([]), RuntimeError),
+    "1-d-one-element": (torch.tensor([0.5]), TypeError),
+    "requires-grad": (torch.tensor(0.5, requires_grad=True), TypeError),
+    "complex": (torch.tensor(0.5 + 0j), TypeError),
+}
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("p_kind", list(P_TENSORS))
+@pytest.mark.parametrize("name", list(FAMILY_SHAPES))
+def test_p_tensors_torch_refuses_are_refused_like_torch(name, p_kind, training):
+    """The same exception class as torch's dropout functions, in training and in eval, naming p."""
+    p, error = P_TENSORS[p_kind]
+    x = torch.randn(FAMILY_SHAPES[name])
+    if name in TORCH_FUNCTIONS and p_kind != "complex":  # (torch's message for a complex p is an unrelated one)
+        assert torch_raises(lambda: TORCH_FUNCTIONS[name](x, p, training)) is error
+    with pytest.raises(error, match="p must be"):
+        call_family(name, x, p, training)
+
+
+@pytest.mark.parametrize("p", ["0.5", None, [0.5], 0.5j, np.array(0.5)],
+                         ids=["str", "None", "list", "complex", "ndarray"])
+@pytest.mark.parametrize("name", list(FAMILY_SHAPES))
+def test_p_that_is_not_a_number_is_a_type_error(name, p):
+    x = torch.randn(FAMILY_SHAPES[name])
+    if name in TORCH_FUNCTIONS:
+        assert torch_raises(lambda: TORCH_FUNCTIONS[name](x, p)) is TypeError
+    with pytest.raises(TypeError, match="p must be"):
+        call_family(name, x, p)
+
+
+@pytest.mark.parametrize("p", [-0.1, 1.5, math.nan, torch.tensor(1.5), torch.tensor(math.nan)],
+                         ids=["negative", "above-one", "nan", "tensor-above-one", "tensor-nan"])
+@pytest.mark.parametrize("name", list(FAMILY_SHAPES))
+def test_p_outside_the_unit_interval_is_a_value_error_in_every_function(name, p):
+    """torch raises ValueError, except for NaN, which slips past its Python check to a RuntimeError from ATen
+    with the same message: danlu raises ValueError for all."""
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        call_family(name, torch.randn(FAMILY_SHAPES[name]), p)
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        call_family(name, torch.randn(FAMILY_SHAPES[name]), p, training=False)
+
+
+@pytest.mark.parametrize("generator", ["seed", 123, torch.tensor(1)], ids=["str", "int", "tensor"])
+@pytest.mark.parametrize("name", list(FAMILY_SHAPES))
+def test_generator_that_is_not_a_generator_changes_nothing(name, generator):
+    x = torch.rand(FAMILY_SHAPES[name]) + 0.5
+    before, rng = x.clone(), torch.get_rng_state()
+    kwargs = {} if name in ("dropout_add", "drop_path") else {"inplace": True}
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+        call_family(name, x, 0.5, generator=generator, **kwargs)
+    assert torch.equal(x, before) and torch.equal(torch.get_rng_state(), rng)
+
+
+@pytest.mark.parametrize("training", [1, None, torch.tensor(True)], ids=["int", "None", "tensor"])
+@pytest.mark.parametrize("name", list(FAMILY_SHAPES))
+def test_training_that_is_not_a_bool_is_a_type_error(name, training):
+    x = torch.randn(FAMILY_SHAPES[name])
+    if name in TORCH_FUNCTIONS:
+        assert torch_raises(lambda: TORCH_FUNCTIONS[name](x, 0.5, training)) is TypeError
+    with pytest.raises(TypeError, match="training must be a bool"):
+        call_family(name, x, 0.5, training)
+
+
+@pytest.mark.parametrize("x", [[1.0, 2.0], None, 3.0], ids=["list", "None", "float"])
+@pytest.mark.parametrize("name", list(FAMILY_SHAPES))
+def test_input_that_is_not_a_tensor_is_a_type_error(name, x):
+    with pytest.raises(TypeError, match="input must be a torch.Tensor"):
+        call_family(name, x, 0.5)
+    with pytest.raises(TypeError, match="input must be a torch.Tensor"):
+        call_family(name, x, 0.5, training=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.uint8, torch.bool, torch.complex64])
+@pytest.mark.parametrize("name", list(FAMILY_SHAPES))
+def test_unsupported_dtypes_fail_in_training_and_pass_through_where_nothing_is_dropped(name, dtype):
+    """torch raises (RuntimeError or NotImplementedError) when it would draw a mask for such a tensor and
+    returns it as it is in eval, with p = 0 or with no elements; danlu raises a TypeError naming the dtype, and
+    returns the input in the same cases (dropout_add, danlu's own, checks its tensors in every mode)."""
+    x = torch.ones(FAMILY_SHAPES[name], dtype=dtype)
+    if name in TORCH_FUNCTIONS:
+        assert torch_raises(lambda: TORCH_FUNCTIONS[name](x, 0.5)) is not None
+        assert TORCH_FUNCTIONS[name](x, 0.5, False) is x
+    with pytest.raises(TypeError, match=f"dtype {dtype}"):
+        call_family(name, x, 0.5)
+    if name == "dropout_add":
+        with pytest.raises(TypeError, match=f"dtype {dtype}"):
+            call_family(name, x, 0.5, training=False)
+        return
+    assert call_family(name, x, 0.5, training=False) is x
+    assert call_family(name, x, 0.0) is x
+    empty = torch.ones((0,) + FAMILY_SHAPES[name][1:], dtype=dtype)
+    assert call_family(name, empty, 0.5) is empty
+
+
+INPLACE_FUNCTIONS = ["dropout", "dropout1d", "dropout2d", "dropout3d"]
+
+
+@pytest.mark.parametrize("view", [False, True], ids=["leaf", "view-of-leaf"])
+@pytest.mark.parametrize("name", INPLACE_FUNCTIONS)
+def test_inplace_on_a_leaf_that_requires_grad_changes_nothing(name, view):
+    """torch's error for an in-place op on a leaf (or a view of one) that requires grad, raised before the
+    kernel writes into it or a key is drawn."""
+    leaf = (torch.rand((3,) + FAMILY_SHAPES[name][1:]) + 0.5).requires_grad_()
+    target = (lambda: leaf[1:]) if view else (lambda: leaf)
+    message = "a view of a leaf Variable" if view else "a leaf Variable that requires grad"
+    with pytest.raises(RuntimeError, match=message):
+        TORCH_FUNCTIONS[name](target(), 0.5, inplace=True)
+    before, rng = leaf.detach().clone(), torch.get_rng_state()  # (torch draws its mask before it raises)
+    with pytest.raises(RuntimeError, match=message):
+        getattr(DF, name)(target(), 0.5, inplace=True)
+    assert torch.equal(leaf.detach(), before) and torch.equal(torch.get_rng_state(), rng)
+    with torch.no_grad():  # where torch allows it, so does danlu
+        assert getattr(DF, name)(target(), 0.5, inplace=True) is not None
+    assert not torch.equal(leaf.detach(), before)
+
+
+@pytest.mark.parametrize("name", INPLACE_FUNCTIONS)
+def test_inplace_on_an_expanded_tensor_changes_nothing(name):
+    """Elements that share memory cannot be dropped one by one: torch raises, and so does danlu, before it
+    writes anything."""
+    shape = FAMILY_SHAPES[name]
+    base = torch.rand((1,) + shape[1:]) + 0.5
+    before, rng = base.clone(), torch.get_rng_state()
+    with pytest.raises(RuntimeError, match="more than one element of the written-to tensor"):
+        TORCH_FUNCTIONS[name](base.expand(shape), 0.5, inplace=True)
+    torch.set_rng_state(rng)
+    with pytest.raises(RuntimeError, match="more than one element of the written-to tensor"):
+        getattr(DF, name)(base.expand(shape), 0.5, inplace=True)
+    assert torch.equal(base, before) and torch.equal(torch.get_rng_state(), rng)
+    y = getattr(DF, name)(base.expand(shape), 0.5)  # out of place, an expanded input is fine
+    assert y.shape == shape and torch.equal(base, before)
+
+
+@pytest.mark.parametrize("name", INPLACE_FUNCTIONS)
+def test_inplace_on_an_inference_tensor_fails_like_torch(name):
+    """torch raises (after it has written into the tensor); danlu raises before."""
+    with torch.inference_mode():
+        x, for_torch = torch.rand(FAMILY_SHAPES[name]) + 0.5, torch.rand(FAMILY_SHAPES[name]) + 0.5
+    with pytest.raises(RuntimeError, match="[Ii]nference tensor"):
+        TORCH_FUNCTIONS[name](for_torch, 0.5, inplace=True)
+    before = x.clone()
+    with pytest.raises(RuntimeError, match="[Ii]nference tensor"):
+        getattr(DF, name)(x, 0.5, inplace=True)
+    assert torch.equal(x, before)
+    with torch.inference_mode():
+        assert getattr(DF, name)(x, 0.5, inplace=True) is x
+
+
+def test_p_checks_trace_under_torch_compile():
+    """The checks of p (including a p that torch.compile makes symbolic once it varies) trace without graph
+    breaks and draw the eager masks."""
+    compiled = torch.compile(lambda x, p: DF.dropout(x, p), backend="aot_eager", fullgraph=True)
+    x = torch.randn(1000)
+    for p in (0.3, 0.4, 0.5):
+        torch.manual_seed(34)
+        got = compiled(x, p)
+        torch.manual_seed(34)
+        assert torch.equal(got, DF.dropout(x, p))
+
+
+def test_drop_path_on_a_0d_tensor():
+    x = torch.tensor(2.0)
+    with pytest.raises(RuntimeError, match="drop_path: input must have a batch dimension"):
+        DF.drop_path(x, 0.5, training=True)
+    with pytest.raises(RuntimeError, match="batch dimension"):
+        dnn.DropPath(0.5).train()(x)
+    assert DF.drop_path(x, 0.5, training=False) is x
+    assert DF.drop_path(torch.tensor([2.0]), 1.0, training=True).shape == (1,)
+
+
+def test_dropout_add_needs_a_residual_tensor():
     x = torch.randn(4, 5)
-    with pytest.raises(TypeError, match="dtype torch.int64"):
-        DF.dropout(torch.ones(3, dtype=torch.int64), 0.5)
-    with pytest.raises(TypeError, match="torch.Tensor"):
-        DF.dropout([1.0, 2.0], 0.5)
+    for residual in (None, 1.0, [0.0] * 5):
+        with pytest.raises(TypeError, match="residual must be a torch.Tensor"):
+            DF.dropout_add(x, residual, 0.5)
+        with pytest.raises(TypeError, match="residual must be a torch.Tensor"):
+            DF.dropout_add(x, residual, 0.5, training=False)
+
+
+def test_dropout_add_checks_its_tensors():
+    x = torch.randn(4, 5)
     with pytest.raises(TypeError, match="layout"):
         DF.dropout(torch.randn(4, 4).to_sparse(), 0.5)
+    with pytest.raises(TypeError, match="residual must be a dense"):
+        DF.dropout_add(x, torch.randn(4, 5).to_sparse(), 0.5)
+    with pytest.raises(TypeError, match="bias must be a torch.Tensor"):
+        DF.dropout_add(x, torch.randn(4, 5), 0.5, bias=[0.0] * 5)
+    with pytest.raises(TypeError, match="bias must be a dense"):
+        DF.dropout_add(x, torch.randn(4, 5), 0.5, bias=torch.randn(5).to_sparse())
     with pytest.raises(ValueError, match="residual has shape"):
         DF.dropout_add(x, torch.randn(4, 6), 0.5)
+    with pytest.raises(ValueError, match="residual has shape"):
+        DF.dropout_add(x, torch.randn(5), 0.5)  # (broadcasting residuals are not taken: the output is x's shape)
     with pytest.raises(ValueError, match="residual has dtype"):
         DF.dropout_add(x, torch.randn(4, 5, dtype=torch.float64), 0.5)
     with pytest.raises(ValueError, match="residual is on meta"):
         DF.dropout_add(x, torch.randn(4, 5, device="meta"), 0.5)
     with pytest.raises(ValueError, match="bias of shape"):
         DF.dropout_add(x, torch.randn(4, 5), 0.5, bias=torch.randn(3))
+    with pytest.raises(ValueError, match="bias has dtype"):
+        DF.dropout_add(x, torch.randn(4, 5), 0.5, bias=torch.randn(5, dtype=torch.float16))
     with pytest.raises(ValueError, match="bias is on meta"):
         DF.dropout_add(x, torch.randn(4, 5), 0.5, bias=torch.randn(5, device="meta"))
 
 
+@pytest.mark.parametrize("bias", [None, torch.tensor(0.25)], ids=["none", "0-d"])
+def test_dropout_add_on_a_0d_input(bias):
+    x, residual = torch.tensor(3.0), torch.tensor(-1.0)
+    y = DF.dropout_add(x, residual, 0.5, bias=bias, generator=torch.Generator().manual_seed(33))
+    kept = bool(reference_keep(1, seed_of(33), 0.5)[0])
+    biased = 3.0 + (0.0 if bias is None else 0.25)
+    assert y.shape == () and float(y) == (biased / 0.5 if kept else 0.0) - 1.0
+    with pytest.raises(ValueError, match="does not broadcast"):  # it would make the output (1,)
+        DF.dropout_add(x, residual, 0.5, bias=torch.tensor([0.25]))
+
+
 # ---------------------------------------------------------------------------------------------
-# CUDA: the same seed gives the same mask as on the CPU
+# CUDA: the same seed gives the same masks, outputs and grads as on the CPU, bit for bit (DESIGN.md principles 2
+# and 4). These cases skip without a GPU; DANLU_REQUIRE_CUDA=1 makes the skips failures.
+
+CUDA = [pytest.param("cuda", id="cuda", marks=requires_cuda)]
+# Around every vector (2-8 elements), Philox block (4), mask word (32), warp tile (256-1024) and block
+# (2048-8192 elements) boundary of every dtype, and a few blocks' worth.
+CUDA_SIZES = [1, 2, 3, 4, 5, 7, 8, 9, 31, 32, 33, 127, 128, 129, 255, 256, 257, 511, 513, 1023, 1024, 1025, 2047, 2049,
+              4095, 4096, 4097, 8191, 8193, 70001, (1 << 20) + 3]
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("residual, bias_size", [(False, 0), (True, 0), (True, 1), (True, 7), (True, 33), (True, 1000)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("device", CUDA)
+def test_cuda_kernels_equal_the_cpu_kernels(device, dtype, residual, bias_size, poisoned_empty_like):
+    """The native forward (with residual and bias) and backward under every public function: the mask words,
+    outputs and grads the CPU kernels write, and the reference's mask. Outputs start NaN and mask words all ones,
+    so memory a kernel leaves unwritten shows."""
+    rng = np.random.default_rng(46)
+    for numel in CUDA_SIZES:
+        seed, offset, p = int(rng.integers(2**63 - 1)), int(rng.integers(3)), float(rng.uniform(0.05, 0.95))
+        x, r, dy = (torch.randn(numel).to(dtype) for _ in range(3))
+        bias = torch.randn(bias_size).to(dtype) if bias_size else None
+        results = []
+        for dev in ("cpu", device):
+            y = torch.full((numel,), math.nan, dtype=dtype, device=dev)
+            mask = torch.full((_dropout.mask_words(numel),), -1, dtype=torch.int32, device=dev)
+            _dropout.draw(x.to(dev), 1 - p, 1 - p, seed, offset, out=y, residual=r.to(dev) if residual else None,
+                          bias=None if bias is None else bias.to(dev), mask=mask)
+            dx = _dropout.apply_mask(dy.to(dev), mask, 1 - p)
+            results.append([t.cpu() for t in (y, mask, dx)])
+        (y_cpu, mask_cpu, dx_cpu), (y_gpu, mask_gpu, dx_gpu) = results
+        assert torch.equal(unpack_mask(mask_gpu, numel), reference_keep(numel, seed, p, offset)), numel
+        assert torch.equal(mask_gpu, mask_cpu), numel
+        assert torch.equal(y_gpu, y_cpu), numel
+        assert torch.equal(dx_gpu, dx_cpu), numel
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -532,6 +869,265 @@ def test_cuda_masks_equal_cpu_masks(dtype, device):
         torch.manual_seed(20)
         b = DF.dropout(x.to(device), 0.6)
     assert torch.equal(a, b.cpu())
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("device", CUDA)
+def test_cuda_layouts_and_inplace_equal_the_cpu(device, dtype, layout, inplace):
+    """Contiguous, channels_last, transposed, misaligned and non-dense inputs, in place, or out of place with
+    the backward: CUDA gives the CPU's values, strides and grads."""
+    base = torch.randn(4, 6, 33, 17).to(dtype)
+    dy = torch.randn(LAYOUTS[layout](base).shape).to(dtype)
+    results = []
+    for dev in ("cpu", device):
+        x = LAYOUTS[layout](base.to(dev, copy=True))
+        if inplace:
+            y = DF.dropout(x, 0.4, inplace=True, generator=gen(47))
+            assert y is x
+            results.append((y.cpu(), y.stride(), None))
+        else:
+            x.requires_grad_()
+            y = DF.dropout(x, 0.4, generator=gen(47))
+            y.backward(dy.to(dev))
+            results.append((y.detach().cpu(), y.stride(), x.grad.cpu()))
+    (y_cpu, strides_cpu, grad_cpu), (y_gpu, strides_gpu, grad_gpu) = results
+    assert torch.equal(y_gpu, y_cpu) and strides_gpu == strides_cpu
+    assert inplace or torch.equal(grad_gpu, grad_cpu)
+
+
+@pytest.mark.parametrize("device", CUDA)
+def test_cuda_inplace_on_a_non_leaf_backpropagates_the_mask(device):
+    w = torch.randn(4099, device=device, requires_grad=True)
+    h = w * 2
+    y = DF.dropout(h, 0.5, inplace=True, generator=gen(57))
+    assert y is h
+    y.sum().backward()
+    keep = reference_keep(w.numel(), seed_of(57), 0.5)
+    assert torch.equal(w.grad.cpu(), torch.where(keep, torch.tensor(2.0) / 0.5, torch.tensor(0.0)))
+
+
+@pytest.mark.parametrize("offsets", [(1, 0), (0, 1), (3, 5), (2, 2), (7, 0)], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("device", CUDA)
+def test_cuda_misaligned_storage_offsets(device, dtype, offsets):
+    """Inputs that start 1 to 7 elements into their storage (not 16-byte aligned), x and residual differently,
+    and in place on such an input: the CPU's values."""
+    x, r = torch.randn(257, 65).to(dtype), torch.randn(257, 65).to(dtype)
+    bias = torch.randn(65).to(dtype)
+
+    def at_offset(t, offset, dev):
+        return torch.empty(t.numel() + offset, dtype=t.dtype, device=dev).narrow(0, offset, t.numel()).view(t.shape) \
+            .copy_(t)
+
+    results = []
+    for dev in ("cpu", device):
+        xs, rs = at_offset(x, offsets[0], dev), at_offset(r, offsets[1], dev)
+        fused = DF.dropout_add(xs, rs, 0.3, bias=bias.to(dev), generator=gen(48))
+        inplace = DF.dropout(xs, 0.3, inplace=True, generator=gen(49))
+        assert inplace is xs
+        results.append((fused.cpu(), xs.cpu()))
+    assert all(torch.equal(g, c) for g, c in zip(results[1], results[0]))
+
+
+@pytest.mark.parametrize("shape, bias_shape, channels_last", [
+    ((257, 1000), (1000,), False), ((64, 33), (33,), False), ((31, 7), None, False), ((8, 5, 7), (5, 1), False),
+    ((4099,), (4099,), False), ((3, 1), (1,), False), ((4, 6, 9, 11), None, True), ((4, 6, 9, 11), (11,), True),
+], ids=["wide", "odd-H", "no-bias", "per-row", "1-d", "H=1", "channels-last", "channels-last-bias"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("device", CUDA)
+def test_cuda_dropout_add_forward_and_backward_equal_the_cpu(device, dtype, shape, bias_shape, channels_last):
+    """Values and the grads of x and residual bit for bit. The bias grad is torch's own reduction of the (equal)
+    grad of x, in another order on each device: on both, its error against a float64 sum stays within the bound
+    of any summation order of those values in the accumulation type, plus the rounding to the dtype."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(shape).to(dtype).contiguous(memory_format=fmt)
+    r, dy = torch.randn(shape).to(dtype), torch.randn(shape).to(dtype)
+    bias = torch.randn(bias_shape).to(dtype) if bias_shape else None
+    results = []
+    for dev in ("cpu", device):
+        xl, rl = x.to(dev, copy=True).requires_grad_(), r.to(dev, copy=True).requires_grad_()
+        bl = None if bias is None else bias.to(dev, copy=True).requires_grad_()
+        y = DF.dropout_add(xl, rl, 0.3, bias=bl, generator=gen(50))
+        y.backward(dy.to(dev))
+        results.append([t.cpu() for t in (y.detach(), xl.grad, rl.grad)] + [None if bl is None else bl.grad.cpu()])
+    (y_cpu, dx_cpu, dr_cpu, db_cpu), (y_gpu, dx_gpu, dr_gpu, db_gpu) = results
+    assert torch.equal(y_gpu, y_cpu) and torch.equal(dx_gpu, dx_cpu) and torch.equal(dr_gpu, dr_cpu)
+    if bias is not None:
+        padded = (1,) * (len(shape) - len(bias_shape)) + tuple(bias_shape)
+        reduced = [d for d, n in enumerate(padded) if n == 1]  # the dimensions the bias is broadcast along
+        terms = dx_cpu.double()
+        exact = terms.sum(reduced, keepdim=True).reshape(bias_shape) if reduced else terms.reshape(bias_shape)
+        magnitude = terms.abs().sum(reduced, keepdim=True).reshape(bias_shape) if reduced else exact.abs()
+        accumulate = torch.float64 if dtype == torch.float64 else torch.float32
+        count = dx_cpu.numel() // bias.numel()
+        allowed = count * torch.finfo(accumulate).eps * magnitude + torch.finfo(dtype).eps * exact.abs()
+        for db in (db_cpu, db_gpu):
+            assert bool(((db.double() - exact).abs() <= allowed).all())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("device", CUDA)
+def test_cuda_channel_and_sample_dropout_equal_the_cpu(device, dtype):
+    x = (torch.rand(8, 6, 5, 7) + 0.5).to(dtype)
+    calls = [lambda t, g: DF.dropout2d(t, 0.3, generator=g), lambda t, g: DF.drop_path(t, 0.3, True, generator=g),
+             lambda t, g: DF.dropout1d(t.flatten(2), 0.3, generator=g),
+             lambda t, g: DF.dropout3d(t.unsqueeze(2), 0.3, generator=g)]
+    for call in calls:
+        assert torch.equal(call(x.to(device), gen(51)).cpu(), call(x, gen(51)))
+
+
+@pytest.mark.parametrize("device", CUDA)
+def test_cuda_calls_run_on_the_current_stream(device):
+    """Forward and backward on a side stream whose input is written only after a ~25 ms sleep on that stream:
+    a kernel launched on any other stream would read the input before it is written."""
+    n = (1 << 20) + 5
+    x_cpu, r_cpu, dy_cpu = torch.rand(n) + 0.5, torch.randn(n), torch.randn(n)
+    want = DF.dropout_add(x_cpu.requires_grad_(), r_cpu, 0.3, bias=None, generator=gen(52))
+    want.backward(dy_cpu)
+    sources = [t.detach().to(device) for t in (x_cpu, r_cpu, dy_cpu)]
+    torch.cuda.synchronize(device)
+    side = torch.cuda.Stream(device)
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(50_000_000)
+        x, r, dy = (t * 1 for t in sources)  # written on the side stream, after the sleep
+        x.requires_grad_()
+        y = DF.dropout_add(x, r, 0.3, generator=gen(52))
+        y.backward(dy)
+        y2 = DF.dropout(x.detach() * 1, 0.3, generator=gen(53))
+    torch.cuda.current_stream(device).wait_stream(side)
+    assert torch.equal(y.detach().cpu(), want.detach())
+    assert torch.equal(x.grad.cpu(), x_cpu.grad)
+    assert torch.equal(y2.cpu(), DF.dropout(x_cpu.detach(), 0.3, generator=gen(53)))
+
+
+@pytest.mark.parametrize("device", CUDA)
+def test_cuda_generator_and_cuda_p(device):
+    """A CUDA generator gives the key it draws on its device, for CPU and CUDA inputs alike; p as a 0-d CUDA
+    tensor is read like torch reads it."""
+    x = torch.rand(10007) + 0.5
+    key = int(torch.randint(2**63 - 1, (), dtype=torch.int64, device=device,
+                            generator=torch.Generator(device=device).manual_seed(54)))
+    want = expected_dropout(x, reference_keep(x.numel(), key, 0.4), 0.4)
+    for dev in ("cpu", device):
+        y = DF.dropout(x.to(dev), 0.4, generator=torch.Generator(device=device).manual_seed(54))
+        assert torch.equal(y.cpu(), want)
+    p = torch.tensor(0.4, device=device)
+    F.dropout(x.to(device), p)  # torch takes it too
+    for dev in ("cpu", device):
+        assert torch.equal(DF.dropout(x.to(dev), p, generator=gen(55)).cpu(), DF.dropout(x, 0.4, generator=gen(55)))
+
+
+@pytest.mark.parametrize("device", CUDA)
+def test_cuda_residual_and_bias_on_another_device_are_refused(device):
+    x = torch.randn(4, 5, device=device)
+    with pytest.raises(ValueError, match="residual is on cpu but the input is on cuda"):
+        DF.dropout_add(x, torch.randn(4, 5), 0.5)
+    with pytest.raises(ValueError, match="bias is on cpu but the input is on cuda"):
+        DF.dropout_add(x, torch.randn(4, 5, device=device), 0.5, bias=torch.randn(5))
+    with pytest.raises(ValueError, match="residual is on cuda"):
+        DF.dropout_add(x.cpu(), torch.randn(4, 5, device=device), 0.5)
+
+
+CSRC = Path(__file__).resolve().parents[1] / "csrc"
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None or not (CSRC / "dropout" / "dropout_cuda.cu").exists(),
+                    reason="needs nvcc and the sources")
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90", "sm_100"])
+def test_dropout_kernels_compile_without_stack_or_spills(arch, tmp_path):
+    """ptxas -v for every dropout kernel: no stack frame and no spills. A scalar `for (j < n)` loop or a
+    `break` over the per-lane vectors, or a register budget the kernels outgrow, turns them into local
+    memory, which this catches without a GPU. (The flags that change code generation are CMakeLists.txt's.)"""
+    command = ["nvcc", "-std=c++17", "-O3", "--fmad=false", "-DDANLU_WITH_CUDA=1", f"-I{CSRC}",
+               f"--generate-code=arch=compute_{arch[3:]},code={arch}", "-Xptxas", "-v", "-c",
+               str(CSRC / "dropout" / "dropout_cuda.cu"), "-o", str(tmp_path / "dropout_cuda.o")]
+    log = subprocess.run(command, capture_output=True, text=True, check=True).stderr
+    kernels = re.findall(r"Compiling entry function '(\w+)'.*?(\d+) bytes stack frame, (\d+) bytes spill stores, "
+                         r"(\d+) bytes spill loads", log, re.S)
+    assert len(kernels) == 12, log  # forward with and without residual, backward; 4 dtypes each
+    for name, *sizes in kernels:
+        assert sizes == ["0", "0", "0"], f"{name}: {sizes} bytes of stack frame, spill stores, spill loads"
+
+
+def _free_cuda_bytes(device):
+    torch.cuda.empty_cache()
+    return torch.cuda.mem_get_info(torch.device(device))[0]
+
+
+def _check_slices(numel, seed, p, slices, check):
+    """check(lo, hi, keep) for each [lo, hi) of slices, clipped to [0, numel)."""
+    for lo, hi in slices:
+        lo, hi = max(lo, 0), min(hi, numel)
+        if lo < hi:
+            check(lo, hi, reference_keep(hi - lo, seed, p, start=lo))
+
+
+LARGE_NUMEL = (1 << 31) + 1029  # past 2^31, and not a multiple of a vector, a block or a mask word
+
+
+@pytest.mark.large
+@pytest.mark.parametrize("device", CUDA)
+def test_cuda_kernels_past_2_31_elements(device):
+    """fp32 forward with residual and a bias of 4099 columns, and backward (40 GiB at most): the grid is capped
+    there, so warps take a second tile, whose bias columns are followed by additions. Every element against
+    torch's arithmetic on the mask's bits; the mask against the reference at the ends, around 2^31 and where
+    the second tiles start."""
+    if _free_cuda_bytes(device) < 40 << 30:
+        pytest.skip("needs 40 GiB of free GPU memory")
+    numel, columns, p, seed = LARGE_NUMEL, 4099, 0.3, 0x5EED5EED5EED
+    x, r = torch.randn(numel, device=device), torch.randn(numel, device=device)
+    bias = torch.randn(columns, device=device)
+    mask = torch.full((_dropout.mask_words(numel),), -1, dtype=torch.int32, device=device)
+    y = _dropout.draw(x, 1 - p, 1 - p, seed, residual=r, bias=bias, mask=mask)
+    dx = _dropout.apply_mask(r, mask, 1 - p)
+    assert (int(mask[-1]) & 0xFFFFFFFF) >> (numel % 32) == 0  # no bits past the last element
+    chunk = 1 << 27  # (temporaries of a few GiB)
+    shifts = torch.arange(32, device=device, dtype=torch.int32)
+    # A tensor divisor: torch on CUDA multiplies by the reciprocal of a Python number, the kernels divide.
+    divisor = torch.tensor(1 - p, device=device)
+    for lo in range(0, numel, chunk):
+        hi = min(lo + chunk, numel)
+        kept = ((mask[lo // 32:(hi + 31) // 32].unsqueeze(1) >> shifts) & 1).flatten()[:hi - lo].bool()
+        v = x[lo:hi] + bias[torch.arange(lo, hi, device=device) % columns]
+        assert torch.equal(y[lo:hi], r[lo:hi] + torch.where(kept, v / divisor, v * 0)), lo
+        assert torch.equal(dx[lo:hi], torch.where(kept, r[lo:hi] / divisor, r[lo:hi] * 0)), lo
+        del kept, v
+    second_tiles = 524280 * 4096  # blocks_for's cap times the elements of a block (fp32)
+
+    def check(lo, hi, keep):
+        assert torch.equal(unpack_mask(mask[lo // 32:(hi + 31) // 32], hi - lo + lo % 32)[lo % 32:], keep), lo
+
+    _check_slices(numel, seed, p, [(0, 8192), ((1 << 31) - 8192, (1 << 31) + 8192),
+                                   (second_tiles - 8192, second_tiles + 8192), (numel - 8192, numel)], check)
+
+
+@pytest.mark.large
+@pytest.mark.parametrize("device", CUDA)
+def test_cuda_dropout_add_past_2_31_elements(device):
+    """bf16 dropout_add with a bias of 4099 columns (17 GiB): forward, mask and backward, slices at the ends and
+    around 2^31 against the reference."""
+    if _free_cuda_bytes(device) < 20 << 30:
+        pytest.skip("needs 20 GiB of free GPU memory")
+    columns, p = 4099, 0.2
+    rows = -(-LARGE_NUMEL // columns)
+    numel = rows * columns
+    x = torch.rand(rows, columns, device=device, dtype=torch.bfloat16).add_(0.5).requires_grad_()
+    r = torch.randn(rows, columns, device=device, dtype=torch.bfloat16)
+    bias = torch.randn(columns, device=device, dtype=torch.bfloat16)
+    y = DF.dropout_add(x, r, p, bias=bias, generator=gen(56))
+    y.backward(r)
+    seed = seed_of(56)
+    xf, yf, rf, dxf = x.detach().view(-1), y.detach().view(-1), r.view(-1), x.grad.view(-1)
+
+    def check(lo, hi, keep):
+        columns_of = torch.arange(lo, hi, device=device) % columns
+        want = expected_dropout_add(xf[lo:hi].cpu(), rf[lo:hi].cpu(), bias[columns_of].cpu(), keep, p)
+        assert torch.equal(yf[lo:hi].cpu(), want), lo
+        assert torch.equal(dxf[lo:hi].cpu(), expected_dropout(rf[lo:hi].cpu(), keep, p)), lo
+
+    _check_slices(numel, seed, p, [(0, 8192), ((1 << 31) - 8192, (1 << 31) + 8192), (numel - 8192, numel)], check)
 
 
 @pytest.mark.parametrize("inplace", [False, True])

@@ -7,14 +7,18 @@
 
 namespace danlu {
 
+constexpr int kDropoutMaskBits = 32;                 // elements per mask word
+constexpr int64_t kDropoutMaxBiasSize = INT32_MAX;  // the CUDA kernels follow bias columns in 32 bits
+
 struct DropoutArgs {
   int dtype = 0;  // of x, y, residual, bias (common/dtype.h codes)
   int64_t numel = 0;
   uintptr_t x = 0, y = 0;
   uintptr_t residual = 0;  // forward only; 0 = none
   uintptr_t bias = 0;      // forward only; 0 = none. Element i adds bias[i % bias_size].
-  int64_t bias_size = 0;
-  // uint32 words, (numel + 31) / 32 of them: bit i % 32 of word i / 32 is set where element i is kept.
+  int64_t bias_size = 0;   // 1 to kDropoutMaxBiasSize
+  // uint32 words, (numel + 31) / 32 of them: bit i % 32 of word i / 32 is set where element i is kept
+  // (32 = kDropoutMaskBits).
   // Forward writes it (0: not wanted), backward reads it.
   uintptr_t mask = 0;
   uint64_t seed = 0, offset = 0;  // Philox key and counter high words (common/philox.h)

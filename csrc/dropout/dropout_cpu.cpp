@@ -9,7 +9,8 @@ void check_dropout_args(const DropoutArgs& a, bool backward) {
   if (a.numel == 0) return;
   DANLU_CHECK(a.x != 0 && a.y != 0, "dropout: null input or output");
   DANLU_CHECK(!backward || a.mask != 0, "dropout backward: null mask");
-  DANLU_CHECK(a.bias == 0 || a.bias_size > 0, "dropout: bias given with bias_size " << a.bias_size);
+  DANLU_CHECK(a.bias == 0 || (a.bias_size > 0 && a.bias_size <= kDropoutMaxBiasSize),
+              "dropout: bias given with bias_size " << a.bias_size << " (expected 1 to " << kDropoutMaxBiasSize << ")");
   DANLU_CHECK(a.divisor > 0 || a.threshold == 0, "dropout: divisor " << a.divisor << " for kept elements");
 }
 

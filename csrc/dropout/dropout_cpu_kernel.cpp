@@ -15,12 +15,12 @@ namespace danlu {
 namespace DANLU_CPU_ISA {
 namespace {
 
-constexpr int64_t kBlock = 64;
+constexpr int64_t kBlock = 2 * kDropoutMaskBits;  // two mask words
 
 // The kept bits of 32 elements as one mask word (an OR reduction that vectorises).
 uint32_t pack_word(const uint32_t* __restrict kept) {
   uint32_t word = 0;
-  for (int e = 0; e < 32; ++e) word |= kept[e] << e;
+  for (int e = 0; e < kDropoutMaskBits; ++e) word |= kept[e] << e;
   return word;
 }
 
@@ -66,7 +66,7 @@ __attribute__((noinline)) void forward_blocks(DropoutArgs a, int64_t block_lo, i
     }
     if (!mask) continue;
     mask[2 * b] = pack_word(kept);
-    if (n > 32) mask[2 * b + 1] = pack_word(kept + 32);
+    if (n > kDropoutMaskBits) mask[2 * b + 1] = pack_word(kept + kDropoutMaskBits);
   }
 }
 
@@ -81,8 +81,8 @@ __attribute__((noinline)) void backward_blocks(DropoutArgs a, int64_t block_lo, 
   for (int64_t b = block_lo; b < block_hi; ++b) {
     const int64_t start = b * kBlock;
     const int n = int(std::min<int64_t>(kBlock, a.numel - start));
-    const uint32_t words[2] = {mask[2 * b], n > 32 ? mask[2 * b + 1] : 0u};
-    for (int e = 0; e < kBlock; ++e) kept[e] = (words[e / 32] >> (e % 32)) & 1u;
+    const uint32_t words[2] = {mask[2 * b], n > kDropoutMaskBits ? mask[2 * b + 1] : 0u};
+    for (int e = 0; e < kBlock; ++e) kept[e] = (words[e / kDropoutMaskBits] >> (e % kDropoutMaskBits)) & 1u;
 #pragma omp simd
     for (int e = 0; e < n; ++e) store_from(dx + start + e, drop(load_as<M>(dy + start + e), kept[e] != 0, divisor));
   }

@@ -7,6 +7,7 @@ place; any other is processed as a contiguous copy (and, for inplace, copied bac
 
 from __future__ import annotations
 
+import numbers
 import warnings
 
 import torch
@@ -20,12 +21,79 @@ from danlu._native import (
     is_dense,
 )
 
-MASK_BITS_PER_WORD = 32
+# ---------------------------------------------------------------------------------------------
+# Argument checks: torch's exceptions (or clear ones that name the argument), all made before a Philox key is
+# drawn or anything is written, so a call that raises leaves its tensors and the generator as they were.
 
 
-def check_probability(p, who="dropout"):
+def probability(p, who="dropout") -> float:
+    """p as torch's dropout functions take it: a real number, or a 0-d tensor that does not require grad (read
+    with .item(), on any device); it must lie in [0, 1]. A 0-d tensor, like a number, is one Python value for
+    the whole call."""
+    if isinstance(p, torch.Tensor):
+        if p.numel() != 1:  # (torch: "Boolean value of Tensor with more than one value is ambiguous")
+            raise RuntimeError(f"{who}: p must be a number or a 0-d tensor, got a tensor of shape {tuple(p.shape)}")
+        if p.dim() != 0 or p.requires_grad or p.is_complex():
+            raise TypeError(f"{who}: p must be a float or a 0-d real tensor that does not require grad (as in torch), "
+                            f"got a tensor of shape {tuple(p.shape)}, dtype {p.dtype}, requires_grad={p.requires_grad}")
+        p = p.item()
+    elif isinstance(p, numbers.Real):
+        p = float(p)
+    elif not isinstance(p, (torch.SymFloat, torch.SymInt)):  # (torch.compile's symbolic numbers pass as they are)
+        raise TypeError(f"{who}: p must be a float or a 0-d tensor, got {type(p).__name__}")
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"{who} probability has to be between 0 and 1, but got {p}")
+    return p
+
+
+def check_arguments(x, training, generator, who):
+    """The checks torch makes whatever the mode: x is a tensor, training a bool; and danlu's generator argument
+    is a torch.Generator (any device: the Philox key is read back to the host) or None."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{who}: input must be a torch.Tensor, got {type(x).__name__}")
+    if not isinstance(training, bool):
+        raise TypeError(f"{who}: training must be a bool, got {type(training).__name__}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"{who}: generator must be a torch.Generator or None, got {type(generator).__name__}")
+
+
+def check_droppable(x, who, **others):
+    """x is a dense tensor of a dtype the kernels take, on a device danlu was built for; every other tensor is
+    a dense tensor on x's device with x's dtype. Made only where a mask is drawn: in eval mode, with p = 0 or
+    on no elements, dropout returns any tensor as it is, as torch does."""
+    check_dtype(x, who)
+    if x.layout != torch.strided:
+        raise TypeError(f"{who}: input must be a dense (strided) tensor, got layout {x.layout}")
+    for name, t in others.items():
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{who}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.layout != torch.strided:
+            raise TypeError(f"{who}: {name} must be a dense (strided) tensor, got layout {t.layout}")
+        if t.device != x.device:
+            raise ValueError(f"{who}: {name} is on {t.device} but the input is on {x.device}")
+        if t.dtype != x.dtype:
+            raise ValueError(f"{who}: {name} has dtype {t.dtype} but the input has {x.dtype}")
+    check_cuda_built(x.device)
+
+
+def check_inplace(x, who):
+    """The checks torch makes before an in-place op writes into x."""
+    if x.is_inference() and not torch.is_inference_mode_enabled():
+        raise RuntimeError(f"{who}: inplace update to an inference tensor outside InferenceMode is not allowed "
+                           "(as in torch); clone it first")
+    if torch.is_grad_enabled() and x.requires_grad:
+        base = x._base
+        if base is not None and base.is_leaf and base.requires_grad:
+            raise RuntimeError(f"{who}: a view of a leaf Variable that requires grad is being used in an in-place "
+                               "operation.")
+        if x.is_leaf:
+            raise RuntimeError(f"{who}: a leaf Variable that requires grad is being used in an in-place operation.")
+    if any(stride == 0 and size > 1 for stride, size in zip(x.stride(), x.shape)):
+        raise RuntimeError(f"{who}: unsupported operation: more than one element of the written-to tensor refers "
+                           "to a single memory location (an expanded tensor). Please clone() the tensor before "
+                           "performing the operation.")
 
 
 def seed_tensor(generator: torch.Generator | None) -> torch.Tensor:
@@ -63,7 +131,7 @@ def _run(op, device, args):
 
 
 def mask_words(numel: int) -> int:
-    return (numel + MASK_BITS_PER_WORD - 1) // MASK_BITS_PER_WORD
+    return (numel + _C.DROPOUT_MASK_BITS - 1) // _C.DROPOUT_MASK_BITS
 
 
 def draw(x, keep_prob, divisor, seed, offset=0, *, out=None, residual=None, bias=None, mask=None):
@@ -149,6 +217,8 @@ def _dropout(x, residual, bias, keep_prob, generator, inplace=False):
     """residual + drop(x + bias) with autograd: DropoutFunction, or the custom op while torch.compile traces
     (which cannot trace into native calls; eager calls stay off the dispatcher, a few microseconds each)."""
     if not torch.compiler.is_compiling():
+        if inplace:  # (traced, x.copy_ below makes torch's own checks)
+            check_inplace(x, "danlu dropout")
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, residual, bias)):
             return DropoutFunction.apply(x, residual, bias, keep_prob, draw_seed(generator), inplace)
         # No backward will run: no autograd node and no mask.
@@ -157,31 +227,13 @@ def _dropout(x, residual, bias, keep_prob, generator, inplace=False):
     return x.copy_(y) if inplace else y
 
 
-def check_input(x, who, **others):
-    """x is a floating tensor of a supported dtype; every other tensor matches its device and dtype."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{who}: input must be a torch.Tensor, got {type(x).__name__}")
-    check_dtype(x, who)
-    if x.layout != torch.strided:
-        raise TypeError(f"{who}: input must be a dense (strided) tensor, got layout {x.layout}")
-    for name, t in others.items():
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{who}: {name} must be a torch.Tensor or None, got {type(t).__name__}")
-        if t.device != x.device:
-            raise ValueError(f"{who}: {name} is on {t.device} but the input is on {x.device}")
-        if t.dtype != x.dtype:
-            raise ValueError(f"{who}: {name} has dtype {t.dtype} but the input has {x.dtype}")
-    check_cuda_built(x.device)
-
-
 def dropout(input, p=0.5, training=True, inplace=False, generator=None):
     """torch.nn.functional.dropout on Philox masks: kept elements are exactly input / (1 - p)."""
-    check_probability(p)
-    check_input(input, "danlu dropout")
+    p = probability(p)
+    check_arguments(input, training, generator, "danlu dropout")
     if p == 0 or not training or input.numel() == 0:
         return input
+    check_droppable(input, "danlu dropout")
     return _dropout(input, None, None, 1.0 - p, generator, inplace)
 
 
@@ -193,19 +245,25 @@ def _broadcasts_to(shape, target):
 
 
 def dropout_add(x, residual, p=0.5, training=True, bias=None, generator=None):
-    """residual + dropout(x + bias) in one pass, with a fused backward. bias broadcasts against x."""
-    check_probability(p)
-    check_input(x, "danlu dropout_add", residual=residual, bias=bias)
+    """residual + dropout(x + bias) in one pass, with a fused backward. residual has x's shape; bias broadcasts
+    against x."""
+    who = "danlu dropout_add"
+    p = probability(p, who)
+    check_arguments(x, training, generator, who)
+    if not isinstance(residual, torch.Tensor):
+        raise TypeError(f"{who}: residual must be a torch.Tensor, got {type(residual).__name__}")
+    check_droppable(x, who, residual=residual, bias=bias)
     if residual.shape != x.shape:
-        raise ValueError(f"danlu dropout_add: residual has shape {tuple(residual.shape)}, expected the input's "
-                         f"{tuple(x.shape)}")
+        raise ValueError(f"{who}: residual has shape {tuple(residual.shape)}, expected the input's {tuple(x.shape)}")
     if bias is not None and not _broadcasts_to(bias.shape, x.shape):
-        raise ValueError(f"danlu dropout_add: bias of shape {tuple(bias.shape)} does not broadcast to the "
-                         f"input's {tuple(x.shape)}")
+        raise ValueError(f"{who}: bias of shape {tuple(bias.shape)} does not broadcast to the input's {tuple(x.shape)}")
     if p == 0 or not training or x.numel() == 0:
         return residual + (x if bias is None else x + bias)
-    if bias is not None and not (bias.numel() == x.shape[-1] and x.is_contiguous()):
-        x, bias = x + bias, None  # a bias the kernel cannot index as bias[i % H]: added by torch first
+    # The kernel adds bias[i % H] to element i of a contiguous x: a bias of H = x.shape[-1] values along the last
+    # dimension (a (7, 1) bias on a (7, 7) input has 7 values too, one per row). Any other is added by torch first.
+    per_column = bias is not None and x.dim() > 0 and bias.dim() > 0 and bias.shape[-1] == bias.numel() == x.shape[-1]
+    if bias is not None and not (per_column and x.is_contiguous() and bias.numel() <= _C.DROPOUT_MAX_BIAS_SIZE):
+        x, bias = x + bias, None
     if bias is not None:
         bias = bias.reshape(-1).contiguous()
     return _dropout(x, residual, bias, 1.0 - p, generator)
@@ -220,12 +278,15 @@ def scaled_bernoulli(shape, keep_prob, divisor, like, generator=None):
     return draw(ones, keep_prob, divisor, draw_seed(generator), out=ones)
 
 
-def feature_dropout(input, p, training, inplace, generator=None):
+def feature_dropout(input, p, training, inplace, generator=None, who="danlu feature dropout"):
     """Whole channels dropped: the mask has one value per (sample, channel), like torch's feature_dropout."""
     if p == 0 or not training or input.numel() == 0:
         return input
+    check_droppable(input, who)
     if input.dim() < 2:
-        raise RuntimeError("danlu feature dropout: requires at least 2 dimensions in the input")
+        raise RuntimeError(f"{who}: requires at least 2 dimensions in the input")
+    if inplace and not torch.compiler.is_compiling():
+        check_inplace(input, who)
     keep_prob = 1.0 - p
     divisor = keep_prob if keep_prob > 0 else 1.0  # p = 1 keeps nothing: nothing is divided
     mask = scaled_bernoulli(input.shape[:2] + (1,) * (input.dim() - 2), keep_prob, divisor, input, generator)
@@ -233,11 +294,16 @@ def feature_dropout(input, p, training, inplace, generator=None):
 
 
 def drop_path(x, p=0.0, training=False, scale_by_keep=True, generator=None):
-    """Stochastic depth (timm's drop_path): whole samples dropped, kept ones scaled by 1 / (1 - p)."""
-    check_probability(p, "drop_path")
-    check_input(x, "danlu drop_path")
+    """Stochastic depth (timm's drop_path): whole samples (the first dimension) dropped, kept ones scaled by
+    1 / (1 - p)."""
+    who = "danlu drop_path"
+    p = probability(p, "drop_path")
+    check_arguments(x, training, generator, who)
     if p == 0 or not training or x.numel() == 0:
         return x
+    check_droppable(x, who)
+    if x.dim() == 0:
+        raise RuntimeError(f"{who}: input must have a batch dimension to drop samples of, got a 0-d tensor")
     keep_prob = 1.0 - p
     divisor = keep_prob if scale_by_keep and keep_prob > 0 else 1.0
     return x * scaled_bernoulli((x.shape[0],) + (1,) * (x.dim() - 1), keep_prob, divisor, x, generator)
@@ -252,38 +318,38 @@ def _warn_channel_dims(name, dims, spatial):
 
 def dropout1d(input, p=0.5, training=True, inplace=False, generator=None):
     """torch.nn.functional.dropout1d: whole channels of (N, C, L) or (C, L) inputs dropped."""
-    check_probability(p)
-    check_input(input, "danlu dropout1d")
+    p = probability(p)
+    check_arguments(input, training, generator, "danlu dropout1d")
     if input.dim() not in (2, 3):
         raise RuntimeError(f"dropout1d: Expected 2D or 3D input, but received a {input.dim()}D input "
                            "(channel-wise dropout of inputs with 1 spatial dimension and an optional batch "
                            "dimension)")
-    return _feature_dropout_batched(input, input.dim() == 3, p, training, inplace, generator)
+    return _feature_dropout_batched(input, input.dim() == 3, p, training, inplace, generator, "danlu dropout1d")
 
 
 def dropout2d(input, p=0.5, training=True, inplace=False, generator=None):
     """torch.nn.functional.dropout2d, including its treatment of 3-D inputs as (N, C, L)."""
-    check_probability(p)
-    check_input(input, "danlu dropout2d")
+    p = probability(p)
+    check_arguments(input, training, generator, "danlu dropout2d")
     if input.dim() not in (3, 4):
         _warn_channel_dims("dropout2d", input.dim(), 2)
     if input.dim() == 3:
         warnings.warn("dropout2d: received a 3-D input; as torch does, it is read as (N, C, L) and channel-wise "
                       "1D dropout is applied. Use dropout1d for that.", stacklevel=2)
-    return _feature_dropout_batched(input, True, p, training, inplace, generator)
+    return _feature_dropout_batched(input, True, p, training, inplace, generator, "danlu dropout2d")
 
 
 def dropout3d(input, p=0.5, training=True, inplace=False, generator=None):
     """torch.nn.functional.dropout3d: whole channels of (N, C, D, H, W) or (C, D, H, W) inputs dropped."""
-    check_probability(p)
-    check_input(input, "danlu dropout3d")
+    p = probability(p)
+    check_arguments(input, training, generator, "danlu dropout3d")
     if input.dim() not in (4, 5):
         _warn_channel_dims("dropout3d", input.dim(), 3)
-    return _feature_dropout_batched(input, input.dim() == 5, p, training, inplace, generator)
+    return _feature_dropout_batched(input, input.dim() == 5, p, training, inplace, generator, "danlu dropout3d")
 
 
-def _feature_dropout_batched(input, batched, p, training, inplace, generator):
+def _feature_dropout_batched(input, batched, p, training, inplace, generator, who):
     if batched or p == 0 or not training:  # (the identity cases return the input itself, not a view)
-        return feature_dropout(input, p, training, inplace, generator)
-    out = feature_dropout(input.unsqueeze(0), p, training, inplace, generator)
+        return feature_dropout(input, p, training, inplace, generator, who)
+    out = feature_dropout(input.unsqueeze(0), p, training, inplace, generator, who)
     return input if inplace else out.squeeze(0)

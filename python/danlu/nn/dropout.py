@@ -4,7 +4,7 @@ forward, plus DropPath (stochastic depth) and DropConnect (dropout on a Linear's
 import torch
 
 from danlu import _dropout
-from danlu._dropout import check_probability
+from danlu._dropout import probability
 
 
 class Dropout(torch.nn.Dropout):
@@ -33,7 +33,7 @@ class DropPath(torch.nn.Module):
 
     def __init__(self, p: float = 0.0, scale_by_keep: bool = True):
         super().__init__()
-        check_probability(p, "drop_path")
+        probability(p, "drop_path")  # (validated here, read again at every forward, as torch.nn.Dropout does)
         self.p, self.scale_by_keep = p, scale_by_keep
 
     @property
@@ -54,7 +54,7 @@ class DropConnect(torch.nn.Linear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, p: float = 0.5, device=None,
                  dtype=None):
-        check_probability(p, "DropConnect")
+        probability(p, "DropConnect")
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self.p = p
 
