@@ -32,6 +32,25 @@ _STRIDE = torch.Tensor.stride
 _SIZE_DTYPE_DEVICE = attrgetter("nbytes", "dtype", "device")
 
 
+def fused_doc(torch_name: str, summary: str) -> str:
+    """The docstring of a danlu optimizer: what it is, then what differs from the torch class it replaces."""
+    return f"""{summary}
+
+    A drop-in ``torch.optim.{torch_name}``: the same arguments, defaults, errors, state keys and state_dict
+    (``isinstance(opt, torch.optim.{torch_name})`` holds; torch's checkpoints load into it and its into torch).
+    What differs:
+
+    - The update runs as one native kernel per param group, device and dtype (one CPU parallel region, one
+      CUDA launch). ``foreach=`` and ``fused=`` are accepted and change nothing; ``differentiable=True`` raises.
+    - float16/bfloat16 params are updated in float32 arithmetic and rounded once; every CPU ISA and thread
+      count gives the same bits. GradScaler's unscale and inf check run inside the kernel.
+    - Everything is checked before anything changes, so a step that raises leaves params and state as they
+      were: params, grads and state must be dense tensors of the param's shape, dtype and device (KeyError for
+      missing state, as torch); tensors that share memory raise ValueError, tensor subclasses without memory
+      of their own (DTensor) raise TypeError. A param listed twice is updated once per listing, as torch does.
+    """
+
+
 class _Where:
     """"param 3 of param group 1", found only when an error message is worded: a search per param would make
     every full check quadratic."""

@@ -1,12 +1,12 @@
 import torch
 
 from danlu import _C
-from danlu.optim._base import FusedOptimizer
+from danlu.optim._base import FusedOptimizer, fused_doc
 
 
 class Adagrad(FusedOptimizer, torch.optim.Adagrad):
-    """torch.optim.Adagrad with lr_decay, weight decay, initial accumulator and maximize, fused (dense
-    grads only: sparse grads raise)."""
+    __doc__ = fused_doc("Adagrad", "Adagrad with lr_decay, weight decay, initial accumulator and maximize. "
+                        "Dense grads only: a sparse grad raises RuntimeError.")
 
     _kind = _C.optim_kinds["Adagrad"]
 

@@ -1,11 +1,12 @@
 import torch
 
 from danlu import _C
-from danlu.optim._base import FusedOptimizer
+from danlu.optim._base import FusedOptimizer, fused_doc
 
 
 class Adam(FusedOptimizer, torch.optim.Adam):
-    """torch.optim.Adam with every option, as one fused kernel per param group, device and dtype."""
+    __doc__ = fused_doc("Adam", "Adam with every option of torch's: amsgrad, maximize, weight decay (L2 or "
+                        "decoupled), tensor lr.")
 
     _kind = _C.optim_kinds["Adam"]
 
@@ -31,7 +32,7 @@ class Adam(FusedOptimizer, torch.optim.Adam):
 
 
 class AdamW(Adam, torch.optim.AdamW):
-    """torch.optim.AdamW (decoupled weight decay), fused."""
+    __doc__ = fused_doc("AdamW", "AdamW: Adam with decoupled weight decay, every option of torch's.")
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
                  maximize=False, foreach=None, capturable=False, differentiable=False, fused=None):

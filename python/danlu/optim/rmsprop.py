@@ -1,12 +1,12 @@
 import torch
 
 from danlu import _C
-from danlu.optim._base import FusedOptimizer
+from danlu.optim._base import FusedOptimizer, fused_doc
 
 
 class RMSprop(FusedOptimizer, torch.optim.RMSprop):
-    """torch.optim.RMSprop with momentum, centered, weight decay and maximize, fused (torch has no
-    fused RMSprop)."""
+    __doc__ = fused_doc("RMSprop", "RMSprop with momentum, centered, weight decay and maximize (torch has no "
+                        "fused RMSprop: this is one kernel where torch runs one per op).")
 
     _kind = _C.optim_kinds["RMSprop"]
 

@@ -1,12 +1,12 @@
 import torch
 
 from danlu import _C
-from danlu.optim._base import FusedOptimizer
+from danlu.optim._base import FusedOptimizer, fused_doc
 from danlu.optim._table import FIRST_STEP
 
 
 class SGD(FusedOptimizer, torch.optim.SGD):
-    """torch.optim.SGD with momentum, dampening, Nesterov, weight decay and maximize, fused."""
+    __doc__ = fused_doc("SGD", "SGD with momentum, dampening, Nesterov, weight decay and maximize.")
 
     _kind = _C.optim_kinds["SGD"]
     _counts_steps = False  # torch's SGD keeps no step
