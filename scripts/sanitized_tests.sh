@@ -16,7 +16,7 @@ CXX=${CXX:-c++}
 SITE=build/sanitize/site
 
 DANLU_CUDA=OFF DANLU_SANITIZE=address,undefined "$PYTHON" -m pip install --quiet --disable-pip-version-check \
-  --no-deps --upgrade --target "$SITE" -C build-dir="build/sanitize/{wheel_tag}" .
+  --no-deps --upgrade --target "$SITE" -C build-dir="build/sanitize/{wheel_tag}" -C install.strip=false .
 
 if [[ $# -eq 0 ]]; then
   set -- tests/test_optim.py tests/test_batch_norm.py tests/test_dropout.py
@@ -44,4 +44,7 @@ info = _C.build_info()
 assert info["sanitize"], f"the danlu on the path is not the sanitized build: {_C.__file__}"
 print(f"sanitized_tests: {_C.__file__} built with -fsanitize={','.join(info['sanitize'])}")
 PY
-exec "$PYTHON" -m pytest -q -p no:cacheprovider "$@"
+# --capture=sys: a report is written to file descriptor 2 by the runtime, which then exits; pytest's default
+# capture of the descriptors would swallow it.
+export PYTHONUNBUFFERED=1
+exec "$PYTHON" -m pytest -q -p no:cacheprovider --capture=sys "$@"
