@@ -34,18 +34,20 @@
 # Time limits. The whole default run must fit in 8 minutes, so that a second, partial run (STAGE...) still fits
 # in a 15-minute device lease with the machine's start; the limits below add up to 450 s. Measured on the 2-core
 # CPU machine (2026-12-04, under load from other work):
-#   build     the sm_90-only build is ~200 CPU-seconds in all (two .cu files of ~50 CPU-s each are the
-#             longest single jobs; the CPU kernels are compiled once per ISA); on 16 cores that is ~15 s of
-#             parallel work behind a ~50 s critical path, plus pip and CMake: ~60 s expected  -> limit 100 s
-#   check     import torch, CUDA initialisation, one tiny kernel: ~10 s                       -> limit 30 s
-#   tests     355 CUDA cases; their 279 CPU twins take 47 CPU-seconds here, the 76 CPU-vs-CUDA cases about
-#             as long again; on the GPU launches are cheap but each case synchronises: ~60-90 s  -> limit 120 s
-#   sanitizer the driver's 500 cases take 25 s on the CPU without references; on the H200 natively ~5 s,
-#             under a sanitizer 2-10x that plus instrumenting each kernel at its first launch:
-#             reference run 15 s, memcheck 40 s, racecheck 25 s (the families that use shared memory),
-#             synccheck 20 s, initcheck 30 s                                                 -> 130 s in all
+#   build     the sm_90-only build is ~200 CPU-seconds in all (the two large .cu files are ~50 CPU-s each, the
+#             longest single jobs); on 16 cores ~15 s of parallel work behind a ~50 s critical path, plus pip
+#             and CMake: ~60 s expected                                                        -> limit 90 s
+#   check     import torch, CUDA initialisation, one dropout kernel: ~10 s                     -> limit 30 s
+#   tests     355 CUDA cases; their 279 CPU twins take 47 CPU-seconds here, the 76 CPU-vs-CUDA cases add as
+#             much again; on the GPU the kernels are fast but every case synchronises: ~60-80 s -> limit 100 s
+#   sanitizer the driver's 500 cases take 25 s on the CPU without references (45 s with); natively on the
+#             H200 a few seconds, under a sanitizer several times that plus instrumenting each kernel at its
+#             first launch. memcheck, racecheck and synccheck instrument danlu's kernels only (torch's run
+#             as they are); initcheck must see torch's writes too, so it instruments everything:
+#             reference run 25 s, memcheck 45 s, racecheck 30 s (the families that use shared memory),
+#             synccheck 25 s, initcheck 45 s                                                  -> 170 s in all
 #   bench     --quick is 98 timed implementations of 0.2-1.5 s each; on a GPU the spread is small, so
-#             most stop near 0.2 s: ~40 s                                                      -> limit 70 s
+#             most stop near 0.2 s: ~40 s                                                      -> limit 60 s
 # A stage that runs out of time is marked "timeout" and the next stage runs; every log shows how far it got.
 set -uo pipefail
 
@@ -63,8 +65,8 @@ SCALE=${GPU_CHECK_TIMEOUT_SCALE:-1}
 
 ALL_STAGES=(build check tests sanitizer bench bench-optim-full summary)
 DEFAULT_STAGES=(build check tests sanitizer bench summary)
-declare -A LIMIT=([build]=100 [check]=30 [tests]=120 [bench]=70 [bench-optim-full]=240
-                  [reference]=15 [memcheck]=40 [racecheck]=25 [synccheck]=20 [initcheck]=30)
+declare -A LIMIT=([build]=90 [check]=30 [tests]=100 [bench]=60 [bench-optim-full]=240
+                  [reference]=25 [memcheck]=45 [racecheck]=30 [synccheck]=25 [initcheck]=45)
 declare -A STATUS SECONDS_TAKEN DETAIL
 
 stages=("$@")
@@ -202,12 +204,15 @@ stage_sanitizer() {
   fi
   # Without torch's caching allocator every tensor is its own allocation, so memcheck sees an access past a
   # tensor's end instead of a read of the cached block's neighbour.
-  local tool families
+  local tool families only_danlu=()
+  "$sanitizer" --help 2>/dev/null | grep -q -- '--kernel-name ' && only_danlu=(--kernel-name kns=danlu)
   for tool in memcheck racecheck synccheck initcheck; do
     families=optim,batchnorm,dropout
     [[ $tool == racecheck ]] && families=optim,batchnorm  # dropout has no shared memory to race on
+    local filter=("${only_danlu[@]}")
+    [[ $tool == initcheck ]] && filter=()  # it must see torch's kernels write what danlu's then read
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 run_step "$tool" "$log" "${LIMIT[$tool]}" \
-      "$sanitizer" --tool "$tool" --error-exitcode 99 --print-limit 20 \
+      "$sanitizer" --tool "$tool" --error-exitcode 99 --print-limit 20 "${filter[@]}" \
       "$PYTHON" "$driver" --device cuda --no-reference --only "$families"
     [[ $STEP_RC -eq 0 ]] || failed+=("$tool:$STEP_RC")
   done

@@ -222,3 +222,14 @@ def test_gpu_check_without_cuda_stops_with_a_clear_message(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["stages"]["check"]["status"] == "fail"
     assert summary["stages"]["sanitizer"]["status"] == "skipped" and not summary["passed"]
+
+
+def test_require_cuda_without_cuda_is_an_error_not_a_skip():
+    """DANLU_REQUIRE_CUDA=1 (gpu_check.sh's tests stage) on a machine where CUDA cannot run stops pytest at once."""
+    if torch.cuda.is_available() and danlu.cuda_available():
+        pytest.skip("CUDA runs here")
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_dropout.py"],
+                            cwd=REPO, env={**os.environ, "DANLU_REQUIRE_CUDA": "1"}, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == pytest.ExitCode.USAGE_ERROR
+    assert "DANLU_REQUIRE_CUDA=1, but CUDA cannot run here" in result.stderr
