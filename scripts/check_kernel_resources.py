@@ -105,10 +105,9 @@ def main(argv=None) -> int:
         for u in usages if args.verbose else bad:
             verdict = "; ".join(u.problems()) or "ok"
             print(f"{u.arch:8} REG {u.resources.get('REG', 0):3}  {verdict:30}  {names[u.name]}")
-        kernels = len({u.name for u in usages})
         archs = ", ".join(sorted({u.arch for u in usages}))
-        print(f"{module}: {kernels} functions for {archs}: {len({u.name for u in bad})} with a stack frame or "
-              "local memory")
+        print(f"{module}: {len({u.name for u in usages})} functions for {archs}: {len({u.name for u in bad})} "
+              f"functions ({len(bad)} function builds) with a stack frame or local memory")
         failed += bool(bad)
     return 1 if failed else 0
 
