@@ -233,10 +233,11 @@ stage_bench() {  # stage_bench NAME ARGS...
 }
 
 stage_summary() {
-  local args=()
-  for s in "${!STATUS[@]}"; do
+  local args=() s
+  for s in "${ALL_STAGES[@]}"; do
+    [[ -n "${STATUS[$s]:-}" ]] || continue
     local log="$s.log"
-    [[ $s == check || $s == build || $s == tests || $s == sanitizer || $s == bench* ]] || log=""
+    [[ ${STATUS[$s]} == skipped ]] && log=""
     args+=("$s" "${STATUS[$s]}" "${SECONDS_TAKEN[$s]}" "$log" "${DETAIL[$s]}")
   done
   "$PYTHON" - "$OUTDIR/summary.json" "$REPO" "$CPU_MODE" "$(( $(date +%s) - RUN_START ))" "${args[@]}" <<'EOF'
