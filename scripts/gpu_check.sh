@@ -159,7 +159,8 @@ if problems:
 print("CUDA ok")
 EOF
   local rc=$STEP_RC
-  local why; why=$(grep -A3 'CUDA cannot run here' "$OUTDIR/check.log" | tail -n +2 | sed 's/^ *//' | paste -sd';' -)
+  local why; why=$(awk '/^CUDA cannot run here/ { on = 1; next } on && /^  / { sub(/^ +/, ""); print }' \
+    "$OUTDIR/check.log" | paste -sd';' -)
   [[ $CPU_MODE -eq 1 && -n "$why" ]] && why="dry run (--cpu): $why"
   record check "$start" "$rc" "${why:-CUDA ok}"
   if [[ $rc -ne 0 ]]; then

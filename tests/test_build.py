@@ -119,7 +119,7 @@ def test_resource_check_flags_stack_frames_and_local_memory():
     assert [u.problems() for u in usages] == [[], ["STACK 32 bytes"], ["LOCAL 8 bytes"]]
 
 
-@pytest.mark.skipif(not _C.built_with_cuda, reason="danlu was built without its CUDA kernels")
+@pytest.mark.skipif(not _C.built_with_cuda, reason="danlu was built without its GPU kernels")
 def test_resource_check_reads_the_built_module():
     """CI runs the check itself (.ci/run); here: it finds CUDA functions in the module at all."""
     cuobjdump = check_kernel_resources.find_cuobjdump(None)
