@@ -47,6 +47,22 @@ PYBIND11_MODULE(_C, m) {
   m.attr("built_with_cuda") = false;
   m.def("cuda_device_count", [] { return 0; });
 #endif
+  // What this build is: the values come from CMakeLists.txt; lists are space-separated words there.
+  m.def("build_info", [] {
+    const auto words = [](const char* text) { return py::str(text).attr("split")(); };
+    const auto known = [](const char* text) { return *text ? py::object(py::str(text)) : py::object(py::none()); };
+    py::dict info;
+    info["version"] = DANLU_BUILD_VERSION;
+    info["commit"] = known(DANLU_BUILD_COMMIT);
+    info["build_type"] = DANLU_BUILD_TYPE;
+    info["compiler"] = DANLU_BUILD_COMPILER;
+    info["cpu_isas"] = words(DANLU_BUILD_CPU_ISAS);
+    info["cuda"] = *DANLU_BUILD_CUDA_ARCHS != '\0';  // CMakeLists.txt lists archs exactly when CUDA is built
+    info["cuda_version"] = known(DANLU_BUILD_CUDA_VERSION);
+    info["cuda_archs"] = words(DANLU_BUILD_CUDA_ARCHS);
+    info["sanitize"] = words(DANLU_BUILD_SANITIZE);
+    return info;
+  });
 
   py::class_<StepArgs>(m, "StepArgs")
       .def(py::init<>())

@@ -36,7 +36,9 @@ def pytest_runtest_makereport(item, call):
     """With DANLU_REQUIRE_CUDA=1 a test that skips for lack of CUDA fails instead."""
     outcome = yield
     report = outcome.get_result()
-    if REQUIRE_CUDA and report.skipped and "cuda" in str(report.longrepr).lower():
+    # A skip's longrepr is (path, line, reason): the reason alone, since a path may contain "cuda" too.
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    if REQUIRE_CUDA and report.skipped and "cuda" in reason.lower():
         report.outcome = "failed"
         report.longrepr = f"skipped although DANLU_REQUIRE_CUDA=1: {report.longrepr}"
 
