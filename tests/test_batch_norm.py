@@ -718,7 +718,8 @@ def danlu_run(shape, memory_format, dtype=torch.float32, activation="silu", seed
     """Outputs, grads and buffers of a BatchNormAct with residual over `steps` training steps and one eval
     step, as torch's thread count and danlu's ISA are set now."""
     torch.manual_seed(seed)
-    bn = getattr(danlu.nn, f"BatchNormAct{dims_of(shape)}d")(shape[1], activation=activation)
+    bn = getattr(danlu.nn, f"BatchNormAct{dims_of(shape)}d")(
+        shape[1], activation=activation, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
     randomize_affine(bn, seed)
     gen = torch.Generator().manual_seed(seed)
     results = []

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 import danlu.nn
-from danlu.nn.sync_batch_norm import _merge_moments
+from danlu._batch_norm import finalize_moments, native_moments
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="needs torch.distributed with the gloo backend")
@@ -316,26 +316,26 @@ def test_without_process_group_is_batch_norm(name):
     _assert_runs_identical(*(_train(bn, case, 0, slice(None)) for bn in (sync, local)))
 
 
-def _moments_row(samples):
-    """[count, mean, M2] as a rank packs it: all zeros for a rank without samples."""
-    mean = samples.mean(0) if len(samples) else torch.zeros(samples.shape[1], dtype=samples.dtype)
-    count = torch.tensor([float(len(samples))], dtype=samples.dtype)
-    return torch.cat([count, mean, ((samples - mean) ** 2).sum(0)])
-
-
 @pytest.mark.parametrize("sizes", [(7,), (0, 0), (3, 0, 5), (4, 1, 0, 6, 2), (2, 3, 5, 7, 11, 13, 0, 1, 9)])
 def test_merge_of_ranks_statistics_is_one_pass_over_all(sizes):
-    """The tree merge for any number of ranks, odd ones and ranks without samples included."""
+    """What every rank does with the gathered moments, for any number of ranks, odd ones and ranks without
+    samples included: the merged moments and statistics are those of one pass over all samples."""
     gen = torch.Generator().manual_seed(len(sizes))
     parts = [torch.randn(n, 4, generator=gen, dtype=torch.float64) * 3 + 100 for n in sizes]
-    count, mean, m2 = _merge_moments(torch.stack([_moments_row(p) for p in parts]), 4)
+    gathered = torch.stack([native_moments(p) for p in parts])
     whole = torch.cat(parts)
-    assert count.item() == len(whole)
+    mean, invstd, var = finalize_moments(whole, gathered, 1e-5)
+    count, merged_mean, m2 = gathered[0].unbind(1)
+    assert torch.equal(count, torch.full((4,), float(len(whole)), dtype=torch.float64))
     if len(whole):
+        torch.testing.assert_close(merged_mean, whole.mean(0), rtol=1e-13, atol=0)
         torch.testing.assert_close(mean, whole.mean(0), rtol=1e-13, atol=0)
         torch.testing.assert_close(m2, ((whole - whole.mean(0)) ** 2).sum(0), rtol=1e-11, atol=0)
+        torch.testing.assert_close(invstd, (whole.var(0, unbiased=False) + 1e-5).rsqrt(), rtol=1e-11, atol=0)
+        if len(whole) > 1:
+            torch.testing.assert_close(var, whole.var(0), rtol=1e-11, atol=0)
     else:
-        assert not mean.any() and not m2.any()
+        assert not merged_mean.any() and not m2.any()
 
 
 def test_ddp_on_cpu_modules(ranks):

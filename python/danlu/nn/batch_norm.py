@@ -2,26 +2,39 @@
 
 import torch
 
-from danlu._batch_norm import ACTIVATIONS, batch_norm_act
+from danlu._batch_norm import ACTIVATIONS, LOCAL, check_args, run_batch_norm
 
 
 class _DanluBatchNorm:
-    """forward() of torch's _BatchNorm, word for word in its decisions, on danlu's kernels."""
+    """forward() of torch's _BatchNorm, word for word in its decisions, on danlu's kernels; every argument is
+    validated before num_batches_tracked counts the batch (torch counts it even when its batch_norm then raises).
+    SyncBatchNorm overrides _statistics."""
 
     activation = "identity"
     act_param = None
 
+    def _statistics(self):
+        """How training reduces the batch statistics (danlu._batch_norm.Statistics)."""
+        return LOCAL
+
     def forward(self, input, residual=None):
         self._check_input_dim(input)
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        counts = self.training and self.track_running_stats and self.num_batches_tracked is not None
+        if self.momentum is not None:
+            factor = self.momentum
+        else:  # the cumulative average over the batches counted so far, this one included
+            factor = 1.0 / (float(self.num_batches_tracked) + 1.0) if counts else 0.0
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         track = not self.training or self.track_running_stats
-        return batch_norm_act(input, self.running_mean if track else None, self.running_var if track else None,
-                              self.weight, self.bias, use_batch_stats, factor, self.eps, self.activation,
-                              self.act_param, residual)
+        running_mean, running_var = (self.running_mean, self.running_var) if track else (None, None)
+        statistics = self._statistics() if use_batch_stats else LOCAL
+        input, residual, factor, eps = check_args(input, running_mean, running_var, self.weight, self.bias,
+                                                  use_batch_stats, factor, self.eps, self.activation, residual,
+                                                  statistics)
+        if counts:
+            self.num_batches_tracked.add_(1)
+        return run_batch_norm(input, running_mean, running_var, self.weight, self.bias, use_batch_stats, factor, eps,
+                              self.activation, self.act_param, residual, statistics)
 
 
 class BatchNorm1d(_DanluBatchNorm, torch.nn.BatchNorm1d):
