@@ -25,20 +25,26 @@ constexpr int kTile = 64;             // channels last: the channels a thread re
 int64_t block_count(int64_t n) { return (n + kBlockElems - 1) / kBlockElems; }
 int block_size(int64_t b, int64_t n) { return int(std::min<int64_t>(kBlockElems, n - b * kBlockElems)); }
 
-// The sum over lanes (batch_norm_math.h) of f(v[i]) for the n values of one block, v[i] being element i.
-template <typename M, class F> M lane_sum(const M* v, int n, F f) {
+// The partial statistics of one block of n values, v[i] being element i (batch_norm_math.h): lane sums of x for
+// its mean, then of the deviations from it and their squares (the block is in cache).
+template <typename M> __attribute__((noinline)) Moments block_stats(const M* v, int n) {
   M lane[kLanes] = {};
   int i = 0;
   for (; i + kLanes <= n; i += kLanes)
-    for (int l = 0; l < kLanes; ++l) lane[l] = lane[l] + f(v[i + l]);
-  for (int l = 0; i + l < n; ++l) lane[l] = lane[l] + f(v[i + l]);
-  return lane_tree(lane);
-}
-
-// The partial statistics of one block: its mean, then the squared deviations from it (the block is in cache).
-template <typename M> __attribute__((noinline)) Moments block_stats(const M* v, int n) {
-  const M mean = block_mean(lane_sum(v, n, [](M x) { return x; }), n);
-  return block_moments(n, mean, lane_sum(v, n, [mean](M x) { return squared_deviation(x, mean); }));
+    for (int l = 0; l < kLanes; ++l) lane[l] = lane[l] + v[i + l];
+  for (int l = 0; i + l < n; ++l) lane[l] = lane[l] + v[i + l];
+  const M mean = block_mean(lane_tree(lane), n);
+  M dev[kLanes] = {}, sq[kLanes] = {};
+  const auto add = [&](int l, M x) {
+    const M d = x - mean;
+    dev[l] = dev[l] + d;
+    sq[l] = sq[l] + d * d;
+  };
+  for (i = 0; i + kLanes <= n; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) add(l, v[i + l]);
+  for (int l = 0; i + l < n; ++l) add(l, v[i + l]);
+  const M deviations = lane_tree(dev);
+  return block_moments(n, mean, deviations, lane_tree(sq));
 }
 
 // NCHW: the n elements e0, e0 + 1, ... of channel c (element e = r * inner + i is x[(r * C + c) * inner + i]) as
@@ -75,25 +81,32 @@ template <typename M> struct TileLanes {
 };
 
 template <typename T, typename M>
-__attribute__((noinline)) void rows_block_stats(const T* x, int64_t C, int width, int n, TileLanes<M>& lanes,
-                                                Moments* out, int64_t out_stride) {
-  lanes.clear(width);
+__attribute__((noinline)) void rows_block_stats(const T* x, int64_t C, int width, int n, TileLanes<M>& dev,
+                                                TileLanes<M>& sq, Moments* out, int64_t out_stride) {
+  dev.clear(width);
   for (int j = 0; j < n; ++j) {
-    M* lane = lanes.v[j % kLanes];
+    M* lane = dev.v[j % kLanes];
 #pragma omp simd
     for (int c = 0; c < width; ++c) lane[c] = lane[c] + load_as<M>(x + j * C + c);
   }
-  lanes.tree(width);
+  dev.tree(width);
   M mean[kTile];
-  for (int c = 0; c < width; ++c) mean[c] = block_mean(lanes.v[0][c], n);
-  lanes.clear(width);
+  for (int c = 0; c < width; ++c) mean[c] = block_mean(dev.v[0][c], n);
+  dev.clear(width);
+  sq.clear(width);
   for (int j = 0; j < n; ++j) {
-    M* lane = lanes.v[j % kLanes];
+    M* lane_dev = dev.v[j % kLanes];
+    M* lane_sq = sq.v[j % kLanes];
 #pragma omp simd
-    for (int c = 0; c < width; ++c) lane[c] = lane[c] + squared_deviation(load_as<M>(x + j * C + c), mean[c]);
+    for (int c = 0; c < width; ++c) {
+      const M d = load_as<M>(x + j * C + c) - mean[c];
+      lane_dev[c] = lane_dev[c] + d;
+      lane_sq[c] = lane_sq[c] + d * d;
+    }
   }
-  lanes.tree(width);
-  for (int c = 0; c < width; ++c) out[c * out_stride] = block_moments(n, mean[c], lanes.v[0][c]);
+  dev.tree(width);
+  sq.tree(width);
+  for (int c = 0; c < width; ++c) out[c * out_stride] = block_moments(n, mean[c], dev.v[0][c], sq.v[0][c]);
 }
 
 // Runs fn(item) for items [0, count) in parallel. Each item writes only its own partials, so the schedule does not
@@ -166,8 +179,8 @@ template <typename T> void stats(const BatchNormArgs& a, int nt) {
   }
   reduce_channels<Moments>(a, nt, [&](Moments* partial, int64_t blocks) {
     fill_row_blocks(a, nt, partial, blocks, [&](Moments* p, int64_t c0, int width, int64_t r0, int n) {
-      TileLanes<M> lanes;
-      rows_block_stats(x + r0 * a.channels + c0, a.channels, width, n, lanes, p, blocks);
+      TileLanes<M> dev, sq;
+      rows_block_stats(x + r0 * a.channels + c0, a.channels, width, n, dev, sq, p, blocks);
     });
   }, out);
 }

@@ -245,8 +245,8 @@ struct ElementwisePlan {
   }
 };
 
-// Launches the first kernel of a reduction with first(out) (out: where its partials go, null when they are the
-// roots already), then the merge levels. workspace holds ReducePlan::workspace_partials partials.
+// Launches the first kernel of a reduction with first(plan, grid, out) (out: where its partials go, null when they
+// are the roots already), then the merge levels. workspace holds ReducePlan::workspace_partials partials.
 template <class Store, class First>
 void launch_reduction(const BatchNormArgs& a, cudaStream_t s, uintptr_t workspace, First&& first) {
   using Partial = typename Store::Partial;
@@ -255,12 +255,14 @@ void launch_reduction(const BatchNormArgs& a, cudaStream_t s, uintptr_t workspac
     merge_kernel<Store><<<unsigned(a.channels), kMergeWidth, 0, s>>>(a, nullptr, 0, nullptr, 1);
     return;
   }
+  const unsigned grid = first_kernel_blocks(a, plan);  // checks before anything runs
+  DANLU_CHECK(a.channels * ReducePlan::next(plan.partials) < (int64_t(1) << 31),
+              "batch norm: too many partials for one launch");
   Partial* level[2] = {ptr<Partial>(workspace), ptr<Partial>(workspace) + a.channels * plan.partials};
-  first(plan.partials > 1 ? level[0] : nullptr);
+  first(plan, grid, plan.partials > 1 ? level[0] : nullptr);
   int which = 0;
   for (int64_t n = plan.partials; n > 1; n = ReducePlan::next(n), which ^= 1) {
     const int64_t n_out = ReducePlan::next(n);
-    DANLU_CHECK(a.channels * n_out < (int64_t(1) << 31), "batch norm: too many partials for one launch");
     merge_kernel<Store><<<unsigned(a.channels * n_out), kMergeWidth, 0, s>>>(a, level[which], n, level[which ^ 1],
                                                                                n_out);
   }

@@ -117,14 +117,12 @@ void batch_norm_backward_reduce_cuda(const BatchNormArgs& a, int device, uintptr
                   constexpr ActKind kAct = decltype(act)::value;
                   const auto launch = [&](auto residual) {
                     constexpr bool kResidual = decltype(residual)::value;
-                    launch_reduction<SumsStore<math_t<T>>>(a, s, workspace, [&](GradSums* out) {
-                      const ReducePlan plan(a);
+                    launch_reduction<SumsStore<math_t<T>>>(a, s, workspace, [&](const ReducePlan& plan,
+                                                                                unsigned grid, GradSums* out) {
                       if (a.inner > 1)
-                        nchw_sums_kernel<T, kAct, kResidual>
-                            <<<first_kernel_blocks(a, plan), kThreads, 0, s>>>(a, plan, LaneStep(a), out);
+                        nchw_sums_kernel<T, kAct, kResidual><<<grid, kThreads, 0, s>>>(a, plan, LaneStep(a), out);
                       else
-                        rows_sums_kernel<T, kAct, kResidual>
-                            <<<first_kernel_blocks(a, plan), kRowThreads, 0, s>>>(a, plan, out);
+                        rows_sums_kernel<T, kAct, kResidual><<<grid, kRowThreads, 0, s>>>(a, plan, out);
                     });
                   };
                   if (a.residual) launch(std::true_type{});

@@ -24,10 +24,15 @@ __device__ Moments nchw_block_stats(const BatchNormArgs& a, const LaneStep& step
   DANLU_UNROLL
   for (int k = 0; k < kLaneSteps; ++k) sum = sum + v[k];
   const M mean = block_mean(__shfl_sync(kFullMask, warp_lane_tree(sum), 0), n);
-  M squares = M(0);
+  M deviations = M(0), squares = M(0);
   DANLU_UNROLL
-  for (int k = 0; k < kLaneSteps; ++k) squares = squares + (k < steps ? squared_deviation(v[k], mean) : M(0));
-  return block_moments(n, mean, warp_lane_tree(squares));
+  for (int k = 0; k < kLaneSteps; ++k) {
+    const M d = k < steps ? v[k] - mean : M(0);
+    deviations = deviations + d;
+    squares = squares + d * d;
+  }
+  const M deviation_sum = warp_lane_tree(deviations);
+  return block_moments(n, mean, deviation_sum, warp_lane_tree(squares));
 }
 
 // One block of rows of channels-last x for kChannelTile channels (coalesced: a warp reads 32 consecutive channels
@@ -46,10 +51,15 @@ __device__ Moments rows_block_stats(const BatchNormArgs& a, math_t<T> (*lanes)[k
   DANLU_UNROLL
   for (int k = 0; k < kLaneSteps; ++k) sum = sum + v[k];
   const M mean = block_mean(column_lane_tree(lanes, sum), n);
-  M squares = M(0);
+  M deviations = M(0), squares = M(0);
   DANLU_UNROLL
-  for (int k = 0; k < kLaneSteps; ++k) squares = squares + (k < steps ? squared_deviation(v[k], mean) : M(0));
-  return block_moments(n, mean, column_lane_tree(lanes, squares));
+  for (int k = 0; k < kLaneSteps; ++k) {
+    const M d = k < steps ? v[k] - mean : M(0);
+    deviations = deviations + d;
+    squares = squares + d * d;
+  }
+  const M deviation_sum = column_lane_tree(lanes, deviations);
+  return block_moments(n, mean, deviation_sum, column_lane_tree(lanes, squares));
 }
 
 template <typename T>
@@ -91,12 +101,10 @@ void batch_norm_stats_cuda(const BatchNormArgs& a, int device, uintptr_t stream,
   on_device(a.channels > 0, device, stream, "launching the batch norm statistics kernels", [&](cudaStream_t s) {
     dispatch_dtype(a.dtype, [&](auto tag) {
       using T = typename decltype(tag)::type;
-      launch_reduction<StatsStore<math_t<T>>>(a, s, workspace, [&](Moments* out) {
-        const ReducePlan plan(a);
-        if (a.inner > 1)
-          nchw_stats_kernel<T><<<first_kernel_blocks(a, plan), kThreads, 0, s>>>(a, plan, LaneStep(a), out);
-        else
-          rows_stats_kernel<T><<<first_kernel_blocks(a, plan), kRowThreads, 0, s>>>(a, plan, out);
+      launch_reduction<StatsStore<math_t<T>>>(a, s, workspace, [&](const ReducePlan& plan, unsigned grid,
+                                                                   Moments* out) {
+        if (a.inner > 1) nchw_stats_kernel<T><<<grid, kThreads, 0, s>>>(a, plan, LaneStep(a), out);
+        else rows_stats_kernel<T><<<grid, kRowThreads, 0, s>>>(a, plan, out);
       });
     });
   });

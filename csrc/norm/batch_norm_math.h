@@ -74,16 +74,18 @@ template <typename Fn> void dispatch_activation(int kind, Fn&& fn) {
 // A channel's n elements are taken in a fixed order (NCHW: e = row * inner + i; channels last: e = row) and cut
 // into blocks of kBlockElems. Lane l of a block accumulates the block's elements l, l + kLanes, l + 2 kLanes, ...
 // in that order, in the math type M; the kLanes lane values then combine in a halving tree (lane_tree). A block
-// thus gives a partial (count, mean, M2 for the statistics: two passes over the block, the mean and then the
-// squared deviations from it; two sums for the backward) that is widened to double, and the partials of a
-// channel merge in the aligned pairwise tree over block indices (merge_tree), in double. float32 rounding stays
-// inside blocks of 512 elements, the tree's depth grows with log2 of the count, and no operation order depends
-// on threads, vector width or the device: the CPU and CUDA compute the same bits.
+// thus gives a partial, widened to double (block_moments: two passes over the block, its mean and then the
+// deviations from it; block_sums: the backward's two sums), and the partials of a channel merge in the aligned
+// pairwise tree over block indices (merge_tree), in double. float32 rounding stays inside blocks of 512 elements,
+// the tree's depth grows with log2 of the count, and no operation order depends on threads, vector width or the
+// device: the CPU and CUDA compute the same bits.
 constexpr int kLanes = 32;
 constexpr int kLaneSteps = 16;
 constexpr int kBlockElems = kLanes * kLaneSteps;
 
-// Lane l's elements of a block of n (<= kBlockElems): how many of the steps k = 0 .. kLaneSteps-1 it has.
+// Lane l's elements of a block of n (<= kBlockElems): how many of the steps k = 0 .. kLaneSteps-1 it has. A step
+// past them may add +0 to the lane (what a fixed-trip loop with a guard does) or nothing: the same, since a lane
+// sum starts at +0 and is never -0 (x + 0 = x for every other x).
 DANLU_HD int lane_steps(int lane, int n) { return n > lane ? (n - lane + kLanes - 1) / kLanes : 0; }
 
 // The kLanes lane values combined: lane[l] += lane[l + w] for w = kLanes / 2, ..., 1; the result is lane[0].
@@ -97,12 +99,6 @@ template <typename M> DANLU_HD M lane_tree(M (&lane)[kLanes]) {
   return lane[0];
 }
 
-// Elements past n contribute +0 to their lane (what a fixed-trip loop with a guard adds): x + 0 = x for every
-// lane value, since a lane sum starts at +0 and is never -0.
-template <typename M> DANLU_HD M squared_deviation(M x, M mean) {
-  const M d = x - mean;
-  return d * d;
-}
 template <typename M> DANLU_HD M block_mean(M lane_total, int n) { return lane_total / M(n); }
 
 // Statistics of part of a channel: element count, mean and sum of squared deviations (M2).
@@ -135,7 +131,16 @@ struct GradSums {
   }
 };
 
-template <typename M> DANLU_HD Moments block_moments(int n, M mean, M m2) { return {double(n), double(mean), double(m2)}; }
+// A block's moments from its float mean and the lane-tree sums of the deviations d = x - mean and of d^2: the
+// mean corrected by the deviations' sum and M2 = sum d^2 - (sum d)^2 / n (the corrected two-pass algorithm), in
+// double. The float mean alone would be off by up to half an ulp of itself, which for data far from zero is much
+// more than the block's spread warrants. A mean that is not finite (an inf or NaN in the block) stays as it is.
+template <typename M> DANLU_HD Moments block_moments(int n, M mean, M deviations, M squares) {
+  const double count = n, m = mean, s = deviations;
+  if (!(m - m == 0)) return {count, m, double(squares)};  // inf - inf and NaN - NaN are NaN
+  const double m2 = double(squares) - s * s / count;
+  return {count, m + s / count, m2 < 0 ? 0.0 : m2};  // rounding may leave a constant block's M2 a hair below 0
+}
 template <typename M> DANLU_HD GradSums block_sums(M dz, M dz_xhat) { return {double(dz), double(dz_xhat)}; }
 
 // The aligned pairwise tree over partials p[0], p[stride], ..., p[(n - 1) * stride], left in p[0]: at level s,

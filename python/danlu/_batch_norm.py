@@ -274,7 +274,8 @@ def check_args(x, running_mean, running_var, weight, bias, training, momentum, e
         if first is None:
             first = name, t.dtype
         if t.dtype != first[1] or t.dtype not in allowed:
-            which = f"{name} is {t.dtype}" if t.dtype == first[1] else f"{first[0]} is {first[1]} but {name} is {t.dtype}"
+            which = (f"{name} is {t.dtype}" if t.dtype == first[1]
+                     else f"{first[0]} is {first[1]} but {name} is {t.dtype}")
             raise RuntimeError(f"{who}: mixed dtype: {which} for input {x.dtype}; weight, bias, running_mean and "
                                f"running_var must all be {' or all '.join(map(str, allowed))}")
     if not training and (running_mean is None or running_var is None):
@@ -313,7 +314,8 @@ def run_batch_norm(x, running_mean, running_var, weight, bias, training, momentu
     else:
         stat = stat_dtype(x)
         mean, invstd = _as(running_mean, stat), (_as(running_var, stat) + eps).sqrt_().reciprocal_()
-    inputs = (x, residual, weight, bias, mean, invstd, training, code, default_param if act_param is None else act_param)
+    param = default_param if act_param is None else act_param
+    inputs = (x, residual, weight, bias, mean, invstd, training, code, param)
     if compiling:
         return torch.ops.danlu.batch_norm_forward(*inputs)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, residual, weight, bias)):
@@ -331,16 +333,18 @@ def batch_norm_act(x, running_mean, running_var, weight=None, bias=None, trainin
 
 
 def _update_running_stats(running_mean, running_var, mean, var, count, momentum):
-    """torch's update: running = lerp(running, batch, momentum), with the unbiased variance. A process group's
-    count is a tensor; where it is 0 (no rank had an element) the running statistics stay as they are."""
+    """torch's update, running * (1 - momentum) + momentum * batch with the unbiased variance (not a lerp, which
+    would turn an inf running mean that takes in another inf into NaN). A process group's count is a tensor; where
+    it is 0 (no rank had an element) the running statistics stay as they are."""
     group = isinstance(count, torch.Tensor)
     for running, batch in ((running_mean, mean), (running_var, var)):
         if running is None:
             continue
         if group:
-            running.copy_(torch.where(count > 0, torch.lerp(running, _as(batch, running.dtype), momentum), running))
+            updated = (running * (1 - momentum)).add_(_as(batch, running.dtype), alpha=momentum)
+            running.copy_(torch.where(count > 0, updated, running))
         else:
-            running.lerp_(_as(batch, running.dtype), momentum)
+            running.mul_(1 - momentum).add_(_as(batch, running.dtype), alpha=momentum)
 
 
 def _activate(y, activation, act_param):
