@@ -6,11 +6,11 @@ namespace danlu {
 namespace bn_cuda {
 namespace {
 
-// A thread's runs per iteration, whose 16-byte loads are all in flight together: one run of each of x, dy and the
-// residual for 16-bit x (32-48 B), two for float32 and float64 (64-96 B). They wait as loaded (four registers a
-// run), not converted. More runs of 16-bit x would have ptxas spill around the division calls of the
-// activations' grads. At 50-90 registers (ptxas), 700-1200 threads per SM: 32-100 KB in flight per SM.
-template <typename T> constexpr int kRuns = sizeof(T) == 2 ? 1 : 2;
+// A thread's runs per iteration, whose 16-byte loads are all in flight together: one run each of x, dy and the
+// residual (32-48 B), two for float32 (64-96 B). They wait as loaded (four registers a run), not converted. More
+// runs of the other dtypes would have ptxas spill around the division calls of the activations' grads (sm_100).
+// At 50-90 registers (ptxas), 700-1200 threads per SM: 32-100 KB in flight per SM.
+template <typename T> constexpr int kRuns = sizeof(T) == 4 ? 2 : 1;
 
 template <typename M> struct Constants {
   ChannelAffine<M> affine;

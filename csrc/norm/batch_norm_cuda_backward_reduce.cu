@@ -7,9 +7,9 @@ namespace bn_cuda {
 namespace {
 
 // A lane loads its elements in groups, each group's loads issued before its math: 8 loads per tensor in flight per
-// thread (x, dy and the residual: 32-48 B for 16-bit inputs, 64-96 B for float32), 2 for float64 (32-48 B), fewer
+// thread (x, dy and the residual: 32-48 B for 16-bit inputs, 64-96 B for float32), 1 for float64 (16-24 B), fewer
 // registers than all kLaneSteps at once. The sums still take the elements in lane order.
-template <typename M> constexpr int kGroup = sizeof(M) == 8 ? 2 : 8;
+template <typename M> constexpr int kGroup = sizeof(M) == 8 ? 1 : 8;
 
 // The per-channel constants the sums need.
 template <typename M> struct GradConstants {
