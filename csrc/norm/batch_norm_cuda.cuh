@@ -92,8 +92,9 @@ merge_kernel(BatchNormArgs a, const typename Store::Partial* in, int64_t n_in, t
 // ---------------------------------------------------------------------------------------------
 // The first kernel of a reduction: blocks of kBlockElems of a channel, lane l of a block being lane l of a warp
 // (NCHW) or row l of a thread block's rows (channels last). Every lane loads its kLaneSteps elements (or a group of
-// them) before it adds any: with 2048 threads per SM that is 32-64 KB in flight per SM for 16-bit inputs,
-// 64-128 KB for float32 (the kernels say which).
+// them) before it adds any; the loads are scalar but coalesced (consecutive lanes or channels are consecutive
+// elements), whatever the map size. At 40-64 registers (ptxas) that is 1000-1500 threads per SM and 32-48 KB in
+// flight per SM for 16-bit inputs, 64-128 KB for float32 and float64 (the kernels say what each thread keeps).
 
 // kLanes elements of a channel further on (NCHW): that many whole rows and the rest within a row.
 struct LaneStep {

@@ -262,15 +262,15 @@ def check_args(x, running_mean, running_var, weight, bias, training, momentum, e
     if type(eps) is not float:
         eps = _float_argument(eps, "eps", 8)
     check_dtype(x, who)
-    channels, allowed, first = x.shape[1], PARAM_DTYPES[x.dtype], None
+    channels, allowed, first, device = x.shape[1], PARAM_DTYPES[x.dtype], None, x.device
     for name, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean), ("running_var", running_var)):
         if t is None:
             continue
         if t.dim() != 1 or t.shape[0] != channels:
             raise ValueError(f"{who}: {name} has shape {tuple(t.shape)}, expected ({channels},) for input with "
                              f"{channels} channels")
-        if t.device != x.device:
-            raise ValueError(f"{who}: {name} is on {t.device} but the input is on {x.device}")
+        if t.device != device:
+            raise ValueError(f"{who}: {name} is on {t.device} but the input is on {device}")
         if first is None:
             first = name, t.dtype
         if t.dtype != first[1] or t.dtype not in allowed:
@@ -281,13 +281,14 @@ def check_args(x, running_mean, running_var, weight, bias, training, momentum, e
     if not training and (running_mean is None or running_var is None):
         raise RuntimeError(f"{who}: running_mean and running_var must be defined in evaluation mode "
                            "(training=False)")
-    if residual is not None and (residual.shape != x.shape or residual.device != x.device
-                                 or residual.dtype != x.dtype):
-        raise ValueError(f"{who}: residual must match the input's shape, dtype and device; got "
-                         f"{tuple(residual.shape)} {residual.dtype} on {residual.device} for input "
-                         f"{tuple(x.shape)} {x.dtype} on {x.device}")
-    check_cuda_built(x.device)
-    if layout_of(x) is None:
+    if residual is not None:
+        if residual.shape != x.shape or residual.device != device or residual.dtype != x.dtype:
+            raise ValueError(f"{who}: residual must match the input's shape, dtype and device; got "
+                             f"{tuple(residual.shape)} {residual.dtype} on {residual.device} for input "
+                             f"{tuple(x.shape)} {x.dtype} on {device}")
+    if not x.is_cpu:
+        check_cuda_built(device)
+    if not x.is_contiguous() and layout_of(x) is None:
         x = x.contiguous()
     if residual is not None and residual.stride() != x.stride():
         residual = residual.contiguous(memory_format=layout_of(x)[3])
@@ -313,12 +314,14 @@ def run_batch_norm(x, running_mean, running_var, weight, bias, training, momentu
         _update_running_stats(running_mean, running_var, mean, var, count, momentum)
     else:
         stat = stat_dtype(x)
-        mean, invstd = _as(running_mean, stat), (_as(running_var, stat) + eps).sqrt_().reciprocal_()
+        mean, invstd = _as(running_mean, stat), (_as(running_var, stat) + eps).rsqrt_()
     param = default_param if act_param is None else act_param
     inputs = (x, residual, weight, bias, mean, invstd, training, code, param)
     if compiling:
         return torch.ops.danlu.batch_norm_forward(*inputs)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, residual, weight, bias)):
+    if torch.is_grad_enabled() and (x.requires_grad or (residual is not None and residual.requires_grad)
+                                    or (weight is not None and weight.requires_grad)
+                                    or (bias is not None and bias.requires_grad)):
         return BatchNormFunction.apply(*inputs, statistics, count)
     return native_forward(*inputs)  # no graph to record: skips the Function's cost (~15 us a call)
 

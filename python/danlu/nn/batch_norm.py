@@ -19,22 +19,24 @@ class _DanluBatchNorm:
 
     def forward(self, input, residual=None):
         self._check_input_dim(input)
-        counts = self.training and self.track_running_stats and self.num_batches_tracked is not None
-        if self.momentum is not None:
-            factor = self.momentum
+        training, momentum = self.training, self.momentum
+        running_mean, running_var, batches = self.running_mean, self.running_var, self.num_batches_tracked
+        weight, bias, activation = self.weight, self.bias, self.activation
+        counts = training and self.track_running_stats and batches is not None
+        if momentum is not None:
+            factor = momentum
         else:  # the cumulative average over the batches counted so far, this one included
-            factor = 1.0 / (float(self.num_batches_tracked) + 1.0) if counts else 0.0
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        track = not self.training or self.track_running_stats
-        running_mean, running_var = (self.running_mean, self.running_var) if track else (None, None)
+            factor = 1.0 / (float(batches) + 1.0) if counts else 0.0
+        use_batch_stats = training or (running_mean is None and running_var is None)
+        if training and not self.track_running_stats:
+            running_mean = running_var = None
         statistics = self._statistics() if use_batch_stats else LOCAL
-        input, residual, factor, eps = check_args(input, running_mean, running_var, self.weight, self.bias,
-                                                  use_batch_stats, factor, self.eps, self.activation, residual,
-                                                  statistics)
+        input, residual, factor, eps = check_args(input, running_mean, running_var, weight, bias, use_batch_stats,
+                                                  factor, self.eps, activation, residual, statistics)
         if counts:
-            self.num_batches_tracked.add_(1)
-        return run_batch_norm(input, running_mean, running_var, self.weight, self.bias, use_batch_stats, factor, eps,
-                              self.activation, self.act_param, residual, statistics)
+            batches.add_(1)
+        return run_batch_norm(input, running_mean, running_var, weight, bias, use_batch_stats, factor, eps,
+                              activation, self.act_param, residual, statistics)
 
 
 class BatchNorm1d(_DanluBatchNorm, torch.nn.BatchNorm1d):
