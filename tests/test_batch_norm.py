@@ -848,8 +848,8 @@ SCALE_CASES = [
 def test_statistics_accurate_at_scale(shape, device):
     """randn + 5 in float32 with up to 2^26 elements per channel: the batch mean and variance (running stats with
     momentum 1) no further from float64 than TORCH_FACTOR times torch's own, plus the rounding of the result to
-    float32, and never more than 1e-6 off in relative terms on the variance (float32 partials merged one after
-    another were 0.42 off at 2^26)."""
+    float32, and never more than 1e-6 off (relative on the variance, in std units on the mean). Float32 partials
+    merged one after another were 1.3e-3 off on the variance at 2^20 rows of 7, 2.3e-2 at 2^23 rows of 8."""
     x = torch.randn(shape, generator=torch.Generator().manual_seed(11)).add_(5.0)
     mean, var = float64_mean_var(x)
     errors = {}
@@ -862,7 +862,8 @@ def test_statistics_accurate_at_scale(shape, device):
     eps = torch.finfo(torch.float32).eps
     (mean_err, var_err), (torch_mean_err, torch_var_err) = errors["danlu"], errors["torch"]
     assert var_err <= TORCH_FACTOR * torch_var_err + eps and var_err <= 1e-6, errors
-    assert mean_err <= TORCH_FACTOR * torch_mean_err + eps * (5 + 1), errors  # an ulp of the mean, in std units
+    # torch's own (N, C) CPU kernel is 0.85 off on the variance at 2^26 rows: the bounds of 1e-6 hold regardless.
+    assert mean_err <= TORCH_FACTOR * torch_mean_err + eps * (5 + 1) and mean_err <= 1e-6, errors
 
 
 # ---------------------------------------------------------------------------------------------

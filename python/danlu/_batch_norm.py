@@ -109,7 +109,11 @@ def finalize_moments(x, moments, eps):
     """(mean, invstd, var) as native_stats gives them, from moments [ranks, channels, 3] (native_moments of every
     rank): merges them in the tree of csrc/norm/batch_norm_math.h, in place, so that moments[0] holds the
     merged moments afterwards (moments[0, 0, 0] the count)."""
-    ranks, channels, _ = moments.shape
+    ranks, channels = moments.shape[0], x.shape[1]
+    if (moments.dtype != torch.float64 or moments.shape[1:] != (channels, 3) or not moments.is_contiguous()
+            or moments.device != x.device):
+        raise ValueError(f"finalize_moments: expected contiguous float64 moments [ranks, {channels}, 3] on {x.device}, "
+                         f"got {moments.dtype} {tuple(moments.shape)} on {moments.device}")
     mean = x.new_empty(channels, dtype=stat_dtype(x))
     invstd, var = torch.empty_like(mean), torch.empty_like(mean)
     a = _C.BatchNormArgs()
