@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import danlu
@@ -1177,6 +1177,10 @@ def test_cpu_isa_variants_bitwise_equal(shape, memory_format, activation, dtype,
     eps=st.floats(1e-6, 1e-1), affine=st.booleans(), track=st.booleans(),
     activation=st.one_of(st.none(), st.sampled_from(sorted(TORCH_ACTIVATIONS))), residual=st.booleans(),
 )
+# What hypothesis once found against the constant tolerances: two samples per channel, eps = 1e-6 (the input grad
+# is pure rounding there, torch's as much as ours).
+@example(dims=1, n=2, c=4, spatial=[], channels_last=False, momentum=0.1, eps=1e-6, affine=True, track=True,
+         activation=None, residual=False)
 def test_random_shapes_and_options_match_torch(dims, n, c, spatial, channels_last, momentum, eps, affine, track,
                                                activation, residual):
     spatial = {1: spatial[:1], 2: (spatial + [3, 2])[:2], 3: (spatial + [3, 2, 2])[:3]}[dims]
