@@ -10,6 +10,7 @@
 #include "common/multi_tensor.h"
 #include "dropout/dropout.h"
 #include "norm/batch_norm.h"
+#include "norm/batch_norm_math.h"
 #include "optim/optim.h"
 #ifdef DANLU_WITH_CUDA
 #include "common/cuda_runtime.h"
@@ -107,11 +108,16 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("invstd", &BatchNormArgs::invstd)
       .def_readwrite("weight", &BatchNormArgs::weight)
       .def_readwrite("bias", &BatchNormArgs::bias)
+      .def_readwrite("moments", &BatchNormArgs::moments)
+      .def_readwrite("ranks", &BatchNormArgs::ranks)
+      .def_readwrite("eps", &BatchNormArgs::eps)
       .def_readwrite("out_mean", &BatchNormArgs::out_mean)
-      .def_readwrite("out_m2", &BatchNormArgs::out_m2)
+      .def_readwrite("out_invstd", &BatchNormArgs::out_invstd)
+      .def_readwrite("out_var", &BatchNormArgs::out_var)
       .def_readwrite("sum_dz", &BatchNormArgs::sum_dz)
       .def_readwrite("sum_dz_xhat", &BatchNormArgs::sum_dz_xhat)
       .def_readwrite("count", &BatchNormArgs::count)
+      .def_readwrite("count_ptr", &BatchNormArgs::count_ptr)
       .def_readwrite("batch_stats", &BatchNormArgs::batch_stats)
       .def_readwrite("x", &BatchNormArgs::x)
       .def_readwrite("y", &BatchNormArgs::y)
@@ -121,7 +127,11 @@ PYBIND11_MODULE(_C, m) {
       .def_readwrite("dresidual", &BatchNormArgs::dresidual);
 
   const auto no_gil = py::call_guard<py::gil_scoped_release>();
+  // The blocking of BatchNorm's reductions (norm/batch_norm_math.h), for tests that model it.
+  m.attr("batch_norm_lanes") = danlu::kLanes;
+  m.attr("batch_norm_lane_steps") = danlu::kLaneSteps;
   m.def("batch_norm_stats_cpu", &danlu::batch_norm_stats_cpu, py::arg("args"), py::arg("num_threads"), no_gil);
+  m.def("batch_norm_finalize_cpu", &danlu::batch_norm_finalize_cpu, py::arg("args"), no_gil);
   m.def("batch_norm_forward_cpu", &danlu::batch_norm_forward_cpu, py::arg("args"), py::arg("num_threads"), no_gil);
   m.def("batch_norm_backward_reduce_cpu", &danlu::batch_norm_backward_reduce_cpu, py::arg("args"),
         py::arg("num_threads"), no_gil);
@@ -155,6 +165,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("batch_norm_cuda_workspace_bytes", &danlu::batch_norm_cuda_workspace_bytes, py::arg("args"));
   m.def("batch_norm_stats_cuda", &danlu::batch_norm_stats_cuda, py::arg("args"), py::arg("device"),
         py::arg("stream"), py::arg("workspace"), no_gil);
+  m.def("batch_norm_finalize_cuda", &danlu::batch_norm_finalize_cuda, py::arg("args"), py::arg("device"),
+        py::arg("stream"), no_gil);
   m.def("batch_norm_forward_cuda", &danlu::batch_norm_forward_cuda, py::arg("args"), py::arg("device"),
         py::arg("stream"), no_gil);
   m.def("batch_norm_backward_reduce_cuda", &danlu::batch_norm_backward_reduce_cuda, py::arg("args"),

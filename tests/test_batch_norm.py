@@ -5,41 +5,48 @@ grads, running statistics and num_batches_tracked, in every layout and dtype."""
 from __future__ import annotations
 
 import inspect
+import itertools
 import math
 import re
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import danlu
 import danlu.functional
 import danlu.nn
 from danlu import _C
+from danlu._batch_norm import ACTIVATIONS, native_backward, native_forward, native_moments, native_stats
 from helpers.batch_norm import (
     ACTIVATION_CASES,
     ALL_PRECISIONS,
     CHANNELS_LAST,
     CHANNELS_LAST_3D,
     CONTIGUOUS,
-    FP32_TOL,
     STEPS,
     TORCH_ACTIVATIONS,
-    assert_close_rms,
-    assert_results_match,
+    TORCH_FACTOR,
+    assert_no_worse_than_torch,
     bn_pair,
+    channel_order,
+    compare_step,
     dims_of,
+    error_scales,
+    float64_twin,
     forward_backward,
     fresh_input,
-    precision_kwargs,
+    model_grad_sums,
+    model_statistics,
+    module_error_scales,
     randomize_affine,
-    rms_error,
     torch_act_reference,
     train_and_compare,
 )
-from helpers.devices import DANLU_THREADS, DEVICES, num_threads, supported_isas
+from helpers.devices import DANLU_THREADS, DEVICES, num_threads, requires_cuda, supported_isas
 
 # ---------------------------------------------------------------------------------------------
 # The modules against torch's, every constructor option
@@ -76,21 +83,18 @@ CONSTRUCTOR_OPTIONS = [
 def test_module_matches_torch(shape, options, device):
     ours, ref = bn_pair(dims_of(shape), shape[1], device=device, **options)
     assert ours.weight is None or ours.weight.device.type == device
-    dtype = options.get("dtype", torch.float32)
-    tol = dict(atol=1e-12, rtol=1e-10) if dtype == torch.float64 else FP32_TOL
-    train_and_compare(ours, ref, shape, dtype=dtype, device=device, **tol)
+    train_and_compare(ours, ref, shape, dtype=options.get("dtype", torch.float32), device=device)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype, param_dtype, atol, rtol", ALL_PRECISIONS)
+@pytest.mark.parametrize("dtype, param_dtype", ALL_PRECISIONS)
 @pytest.mark.parametrize("memory_format", [pytest.param(CONTIGUOUS, id="nchw"),
                                            pytest.param(CHANNELS_LAST, id="channels_last")])
-def test_dtypes_match_torch(memory_format, dtype, param_dtype, atol, rtol, device):
+def test_dtypes_match_torch(memory_format, dtype, param_dtype, device):
     """Inputs in every dtype; low precision both with float32 params (the autocast case) and with the
     module itself in the low dtype."""
     ours, ref = bn_pair(2, 6, device=device, dtype=param_dtype or dtype, momentum=0.3)
-    train_and_compare(ours, ref, (5, 6, 7, 9), dtype=dtype, device=device, atol=atol, rtol=rtol,
-                      memory_format=memory_format, **precision_kwargs(ref, dtype, param_dtype, device=device))
+    train_and_compare(ours, ref, (5, 6, 7, 9), dtype=dtype, device=device, memory_format=memory_format)
 
 
 def test_is_a_torch_batchnorm_and_state_dict_keys_match():
@@ -120,23 +124,25 @@ def test_checkpoints_load_both_ways(direction):
     for name, t in source.state_dict().items():
         assert torch.equal(fresh.state_dict()[name], t), name
     assert int(fresh.num_batches_tracked) == 3
-    x = fresh_input((4, 5, 3, 3), gen).float()
     source.eval(), fresh.eval()
-    assert_close_rms(fresh(x), source(x), **FP32_TOL)
+    ours, theirs = (fresh, source) if direction == "torch_to_danlu" else (source, fresh)
+    x64, dy64 = fresh_input((4, 5, 3, 3), gen).float().double(), torch.randn((4, 5, 3, 3), generator=gen).double()
+    compare_step(ours, ours, theirs, theirs, x64, dy64)
 
 
 def test_sum_loss_expanded_output_grad():
     """y.sum().backward() hands the backward an expanded (stride 0) dy."""
     ours, ref = bn_pair(2, 4, activation="silu")
-    ref_fn = torch_act_reference(ref, "silu", {})
+    exact = float64_twin(ref)
     x = fresh_input((3, 4, 5, 6), torch.Generator().manual_seed(1)).float()
-    grads = []
-    for fn, m in ((ours, ours), (ref_fn, ref)):
-        leaf = x.clone().requires_grad_()
+    scales = module_error_scales(x.double(), torch.ones(x.shape, dtype=torch.float64), None, exact)
+    results = []
+    for fn, m, dtype in ((ours, ours, torch.float32), (torch_act_reference(ref, "silu", {}), ref, torch.float32),
+                         (torch_act_reference(exact, "silu", {}), exact, torch.float64)):
+        leaf = x.to(dtype).clone().requires_grad_()
         fn(leaf).sum().backward()
-        grads.append([leaf.grad, m.weight.grad, m.bias.grad])
-    for a, e in zip(*grads):
-        assert_close_rms(a, e, **FP32_TOL)
+        results.append({"input.grad": leaf.grad, "weight.grad": m.weight.grad, "bias.grad": m.bias.grad})
+    assert_no_worse_than_torch(*results, scales)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,8 +177,7 @@ def test_shapes_match_torch(shape, memory_format, device, poisoned_empty_like):
     """poisoned_empty_like: an output or grad element the kernels never write stays NaN and shows."""
     ours, ref = bn_pair(dims_of(shape), shape[1], device=device, momentum=0.2)
     steps = 2 if math.prod(shape) > 100_000 else STEPS
-    train_and_compare(ours, ref, shape, device=device, memory_format=memory_format, steps=steps, eval_steps=1,
-                      **FP32_TOL)
+    train_and_compare(ours, ref, shape, device=device, memory_format=memory_format, steps=steps, eval_steps=1)
 
 
 NON_CONTIGUOUS_VIEWS = [
@@ -185,39 +190,41 @@ NON_CONTIGUOUS_VIEWS = [
 ]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("base_shape, view", NON_CONTIGUOUS_VIEWS)
-def test_non_contiguous_inputs_match_torch(base_shape, view):
+def test_non_contiguous_inputs_match_torch(base_shape, view, device):
     shape = view(torch.empty(base_shape, device="meta")).shape
-    ours, ref = bn_pair(dims_of(shape), shape[1])
-    train_and_compare(ours, ref, base_shape, view=view, **FP32_TOL)
+    ours, ref = bn_pair(dims_of(shape), shape[1], device=device)
+    train_and_compare(ours, ref, base_shape, view=view, device=device)
 
 
-@pytest.mark.parametrize("dtype, param_dtype, atol, rtol", ALL_PRECISIONS)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype, param_dtype", ALL_PRECISIONS)
 @pytest.mark.parametrize("offset", [1, 3])
 @pytest.mark.parametrize("shape, memory_format", [
     pytest.param((3, 5, 7, 9), CONTIGUOUS, id="nchw"),
     pytest.param((3, 5, 7, 9), CHANNELS_LAST, id="channels_last"),
     pytest.param((37, 5), CONTIGUOUS, id="rows"),
+    pytest.param((2, 3, 7, 7), CONTIGUOUS, id="nchw-7x7"),
 ])
-def test_misaligned_storage_matches_torch(shape, memory_format, offset, dtype, param_dtype, atol, rtol):
+def test_misaligned_storage_matches_torch(shape, memory_format, offset, dtype, param_dtype, device):
     """Input, residual and output grad start 1 or 3 elements into their storage (not vector-aligned)."""
-    ours, ref = bn_pair(dims_of(shape), shape[1], activation="silu", dtype=param_dtype or dtype)
-    referee = precision_kwargs(ref, dtype, param_dtype, "silu")
+    ours, ref = bn_pair(dims_of(shape), shape[1], activation="silu", dtype=param_dtype or dtype, device=device)
+    exact = float64_twin(ref, device)
     gen = torch.Generator().manual_seed(offset)
     strides = torch.empty(shape, device="meta").contiguous(memory_format=memory_format).stride()
 
     def misaligned(values, dtype):
-        storage = torch.full((offset + values.numel(),), float("nan"), dtype=dtype)
+        storage = torch.full((offset + values.numel(),), float("nan"), dtype=dtype, device=device)
         return storage.as_strided(shape, strides, offset).copy_(values)
 
     x64 = fresh_input(shape, gen).to(dtype).double()
     res64 = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype).double()
     dy64 = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype).double()
-    runs = [(ours, ours, dtype), (torch_act_reference(ref, "silu", {}), ref, dtype)]
-    if referee:
-        runs.append((referee["exact_fn"], referee["exact"], torch.float64))
+    scales = module_error_scales(x64.to(device), dy64.to(device), res64.to(device), exact)
     results = []
-    for fn, module, run_dtype in runs:
+    for fn, module, run_dtype in [(ours, ours, dtype), (torch_act_reference(ref, "silu", {}), ref, dtype),
+                                  (torch_act_reference(exact, "silu", {}), exact, torch.float64)]:
         x, res = misaligned(x64, run_dtype).requires_grad_(), misaligned(res64, run_dtype).requires_grad_()
         assert x.storage_offset() == offset and x.data_ptr() % 16 != 0
         y = fn(x, res)
@@ -225,7 +232,7 @@ def test_misaligned_storage_matches_torch(shape, memory_format, offset, dtype, p
         results.append({"output": y.detach(), "input.grad": x.grad, "residual.grad": res.grad,
                         "weight.grad": module.weight.grad, "bias.grad": module.bias.grad,
                         "running_mean": module.running_mean, "running_var": module.running_var})
-    assert_results_match(results[0], results[1], atol, rtol, "misaligned", results[2] if referee else None)
+    assert_no_worse_than_torch(*results, scales, "misaligned")
 
 
 @pytest.mark.parametrize("memory_format, shape", [
@@ -249,20 +256,22 @@ def test_output_and_grads_keep_input_memory_format(memory_format, shape):
             assert got[name].stride() == want[name].stride(), name
 
 
-def test_residual_in_another_layout_than_input():
-    ours, ref = bn_pair(2, 4, activation="tanh")
-    ref_fn = torch_act_reference(ref, "tanh", {})
+@pytest.mark.parametrize("device", DEVICES)
+def test_residual_in_another_layout_than_input(device):
+    ours, ref = bn_pair(2, 4, activation="tanh", device=device)
+    exact = float64_twin(ref, device)
     gen = torch.Generator().manual_seed(8)
     x = fresh_input((3, 4, 5, 6), gen).float().contiguous(memory_format=CHANNELS_LAST)
     res = torch.randn((3, 4, 5, 6), generator=gen)  # NCHW while x is channels_last
     dy = torch.randn((3, 4, 5, 6), generator=gen)
+    scales = module_error_scales(*(t.double().to(device) for t in (x, dy, res)), exact)
     results = []
-    for fn in (ours, ref_fn):
-        xl, rl = x.clone().requires_grad_(), res.clone().requires_grad_()
-        fn(xl, rl).backward(dy)
-        results.append((xl.grad, rl.grad))
-    for a, e in zip(*results):
-        assert_close_rms(a, e, **FP32_TOL)
+    for fn, dtype in ((ours, torch.float32), (torch_act_reference(ref, "tanh", {}), torch.float32),
+                      (torch_act_reference(exact, "tanh", {}), torch.float64)):
+        xl, rl = (t.to(device, dtype).clone().requires_grad_() for t in (x, res))
+        fn(xl, rl).backward(dy.to(device, dtype))
+        results.append({"input.grad": xl.grad, "residual.grad": rl.grad})
+    assert_no_worse_than_torch(*results, scales)
 
 
 @pytest.mark.parametrize("dims, shape, fmt", [
@@ -313,13 +322,18 @@ def assert_same_value_error(ours, ref, x):
 ])
 @pytest.mark.parametrize("activation", [None, "relu"])
 def test_one_value_per_channel_in_training_raises_like_torch(dims, shape, activation):
+    """torch's error; but where torch's module has counted the batch in num_batches_tracked before its
+    batch_norm raises, ours has validated everything first: a call that raises changes nothing."""
     ours, ref = bn_pair(dims, 3, activation=activation)
     x = torch.randn(shape)
     assert_same_value_error(ours, ref, x)
-    assert int(ours.num_batches_tracked) == int(ref.num_batches_tracked)
+    assert int(ours.num_batches_tracked) == 0 and int(ref.num_batches_tracked) == 1
+    ref.num_batches_tracked.zero_()
     # In eval mode with running statistics a single value per channel is fine.
     ours.eval(), ref.eval()
-    assert_close_rms(ours(x), torch_act_reference(ref, activation or "identity", {})(x), **FP32_TOL)
+    gen = torch.Generator().manual_seed(2)
+    compare_step(ours, ours, ref, ref, x.double(), torch.randn(shape, generator=gen, dtype=torch.float64),
+                 activation=activation)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,38 +350,15 @@ LARGE_MEAN_CASES = [
 
 @pytest.mark.parametrize("shape, memory_format", LARGE_MEAN_CASES)
 def test_large_mean_statistics_stay_accurate(shape, memory_format):
-    """x = 1e4 + noise (std 1) in float32. E[x^2] - E[x]^2 in float32 would lose every digit of the
-    variance (1e8 * 6e-8 is about the variance itself); the running var must be within 1e-3 of float64."""
+    """x = 1e4 + noise (std 1) in float32: E[x^2] - E[x]^2 in float32 would lose every digit of the variance
+    (1e8 * 6e-8 is about the variance itself), and a block mean rounded to float32 (half an ulp: 5e-4) would
+    leave the blocks' deviations off by more than the variance warrants. Outputs, grads and running statistics
+    no further from float64 than torch's (several of torch's kernels lose 3 to 5 digits of the variance here)."""
+    ours, ref = bn_pair(dims_of(shape), shape[1], momentum=1.0)  # running_var = this batch's unbiased var
     gen = torch.Generator().manual_seed(9)
-    x32 = (1e4 + torch.randn(shape, generator=gen, dtype=torch.float64)).float()
-    x64 = x32.double()  # the float32 values exactly: the reference sees what we see
-    ours = getattr(danlu.nn, f"BatchNorm{dims_of(shape)}d")(shape[1], momentum=1.0)  # running_var = batch var
-    leaf = x32.contiguous(memory_format=memory_format).requires_grad_()
-    dy = torch.randn(shape, generator=gen, dtype=torch.float64)
-    with num_threads(DANLU_THREADS):
-        y = ours(leaf)
-        y.backward(dy.float())
-
-    reduce_dims = [d for d in range(len(shape)) if d != 1]
-    mean = x64.mean(reduce_dims)
-    unbiased = x64.var(reduce_dims, unbiased=True)
-    ref_x = x64.clone().requires_grad_()
-    ref_y = (ref_x - ref_x.mean(reduce_dims, keepdim=True)) / torch.sqrt(
-        ref_x.var(reduce_dims, unbiased=False, keepdim=True) + ours.eps)
-    ref_y.backward(dy)
-
-    var_rel = ((ours.running_var.double() - unbiased).abs() / unbiased).max().item()
-    assert var_rel < 1e-3, f"running_var relative error {var_rel:.3g}"
-    mean_rel = ((ours.running_mean.double() - mean).abs() / mean.abs()).max().item()
-    assert mean_rel < 2e-6, f"running_mean relative error {mean_rel:.3g}"  # 0.02 of 1e4
-    # float32 cannot hold a mean of 1e4 closer than half an ulp (5e-4): the output can be no better, and
-    # torch's own channels-last kernel is about ten times worse than that: ours within 2e-3 or torch's error.
-    torch_bn = getattr(torch.nn, f"BatchNorm{dims_of(shape)}d")(shape[1], momentum=1.0)
-    torch_err, _ = rms_error(torch_bn(x32.contiguous(memory_format=memory_format)), ref_y)
-    err, scale = rms_error(y, ref_y)
-    assert err <= max(2e-3, 1.5 * torch_err), f"output rms error {err:.3g} against float64, torch's {torch_err:.3g}"
-    err, scale = rms_error(leaf.grad, ref_x.grad)
-    assert err <= 2e-3 * scale, f"input grad rms error {err:.3g} (rms {scale:.3g}) against float64"
+    x64 = 1e4 + torch.randn(shape, generator=gen, dtype=torch.float64)
+    compare_step(ours, ours, ref, ref, x64.float().double(), torch.randn(shape, generator=gen, dtype=torch.float64),
+                 memory_format=memory_format)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,7 +373,7 @@ def test_large_mean_statistics_stay_accurate(shape, memory_format):
 def test_batchnorm_act_2d_matches_torch(activation, act_kwargs, residual, memory_format, device, poisoned_empty_like):
     ours, ref = bn_pair(2, 6, activation=activation, act_kwargs=act_kwargs, device=device)
     train_and_compare(ours, ref, (4, 6, 5, 7), device=device, memory_format=memory_format, residual=residual,
-                      ref_fn=torch_act_reference(ref, activation, act_kwargs), steps=3, **FP32_TOL)
+                      activation=activation, act_kwargs=act_kwargs, steps=3)
 
 
 @pytest.mark.parametrize("shape, memory_format", [
@@ -398,19 +389,21 @@ def test_batchnorm_act_2d_matches_torch(activation, act_kwargs, residual, memory
     pytest.param("elu", {"alpha": 0.7}, id="elu-0.7"),
     pytest.param("silu", {}, id="silu"),
 ])
-def test_batchnorm_act_1d_3d_matches_torch(activation, act_kwargs, shape, memory_format):
-    ours, ref = bn_pair(dims_of(shape), shape[1], activation=activation, act_kwargs=act_kwargs, momentum=None)
-    train_and_compare(ours, ref, shape, memory_format=memory_format, residual=True,
-                      ref_fn=torch_act_reference(ref, activation, act_kwargs), steps=2, eval_steps=1, **FP32_TOL)
+@pytest.mark.parametrize("device", DEVICES)
+def test_batchnorm_act_1d_3d_matches_torch(device, activation, act_kwargs, shape, memory_format):
+    ours, ref = bn_pair(dims_of(shape), shape[1], activation=activation, act_kwargs=act_kwargs, momentum=None,
+                        device=device)
+    train_and_compare(ours, ref, shape, device=device, memory_format=memory_format, residual=True,
+                      activation=activation, act_kwargs=act_kwargs, steps=2, eval_steps=1)
 
 
-@pytest.mark.parametrize("dtype, param_dtype, atol, rtol", ALL_PRECISIONS)
-@pytest.mark.parametrize("activation", ["relu", "silu"])
-def test_batchnorm_act_dtypes_match_torch(activation, dtype, param_dtype, atol, rtol):
-    ours, ref = bn_pair(2, 6, activation=activation, dtype=param_dtype or dtype)
-    train_and_compare(ours, ref, (4, 6, 5, 7), dtype=dtype, atol=atol, rtol=rtol, residual=True,
-                      ref_fn=torch_act_reference(ref, activation, {}), steps=3,
-                      **precision_kwargs(ref, dtype, param_dtype, activation))
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype, param_dtype", ALL_PRECISIONS)
+@pytest.mark.parametrize("activation", ["relu", "silu", "tanh"])
+def test_batchnorm_act_dtypes_match_torch(activation, dtype, param_dtype, device):
+    ours, ref = bn_pair(2, 6, activation=activation, dtype=param_dtype or dtype, device=device)
+    train_and_compare(ours, ref, (4, 6, 5, 7), dtype=dtype, device=device, residual=True, activation=activation,
+                      steps=3)
 
 
 def whole_range(dtype):
@@ -516,7 +509,7 @@ def test_batchnorm_act_takes_every_batchnorm_constructor_argument():
             assert name in inspect.signature(danlu.nn.BatchNormAct2d.__init__).parameters, name
     ours, ref = bn_pair(2, 4, activation="relu", bias=False)
     assert ours.bias is None and ours.weight is not None
-    train_and_compare(ours, ref, (3, 4, 5, 5), ref_fn=torch_act_reference(ref, "relu", {}), steps=2, **FP32_TOL)
+    train_and_compare(ours, ref, (3, 4, 5, 5), activation="relu", steps=2)
 
 
 def test_batchnorm_act_defaults_and_repr():
@@ -536,45 +529,59 @@ def test_unknown_activation_raises_value_error():
 # danlu.functional.batch_norm against torch.nn.functional.batch_norm
 
 
+def functional_runs(shape, training, affine=("weight", "bias"), running=True, device="cpu", momentum=0.3, eps=1e-3,
+                    dtype=torch.float32, seed=6, call=None):
+    """One forward and backward of danlu.functional.batch_norm, torch's in dtype and torch's in float64 on the same
+    values; returns the three {name: tensor} and the error scales. call(fn, x, rm, rv, w, b) makes the call (default:
+    positional, training, momentum, eps)."""
+    gen = torch.Generator().manual_seed(seed)
+    x64 = fresh_input(shape, gen).to(dtype).double()
+    dy64 = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype).double()
+    c = shape[1]
+    per_channel = {"weight": 1 + 0.5 * torch.randn(c, generator=gen, dtype=torch.float64),
+                   "bias": 0.5 * torch.randn(c, generator=gen, dtype=torch.float64),
+                   "running_mean": torch.randn(c, generator=gen, dtype=torch.float64),
+                   "running_var": 0.5 + torch.rand(c, generator=gen, dtype=torch.float64)}
+    param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    per_channel = {k: v.to(param_dtype).double().to(device) for k, v in per_channel.items()}
+    call = call or (lambda fn, x, rm, rv, w, b: fn(x, rm, rv, w, b, training, momentum, eps))
+    runs = []
+    for fn, run_dtype, run_param_dtype in ((danlu.functional.batch_norm, dtype, param_dtype),
+                                           (F.batch_norm, dtype, param_dtype),
+                                           (F.batch_norm, torch.float64, torch.float64)):
+        w, b = (per_channel[k].to(run_param_dtype).requires_grad_() if k in affine else None
+                for k in ("weight", "bias"))
+        rm, rv = (per_channel[k].to(run_param_dtype) if running else None for k in ("running_mean", "running_var"))
+        x = x64.to(device, run_dtype).requires_grad_()
+        y = call(fn, x, rm, rv, w, b)
+        y.backward(dy64.to(device, run_dtype))
+        runs.append({"output": y.detach(), "input.grad": x.grad, "weight.grad": w.grad if w is not None else None,
+                     "bias.grad": b.grad if b is not None else None, "running_mean": rm, "running_var": rv})
+    scales = error_scales(x64.to(device), dy64.to(device), None, eps, training or not running,
+                          per_channel["weight"] if "weight" in affine else None,
+                          per_channel["bias"] if "bias" in affine else None, per_channel["running_mean"],
+                          per_channel["running_var"])
+    return (*runs, scales)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("training", [True, False])
-@pytest.mark.parametrize("affine", ["weight_and_bias", "weight_only", "bias_only", "none"])
+@pytest.mark.parametrize("affine", [("weight", "bias"), ("weight",), ("bias",), ()],
+                         ids=["weight_and_bias", "weight_only", "bias_only", "none"])
 @pytest.mark.parametrize("shape", [(6, 4), (3, 4, 5, 6)])
 def test_functional_matches_torch(shape, affine, training, device):
-    gen = torch.Generator().manual_seed(6)
-    x64, dy64 = fresh_input(shape, gen), torch.randn(shape, generator=gen, dtype=torch.float64)
-    c = shape[1]
-    weight = (1 + 0.5 * torch.randn(c, generator=gen, dtype=torch.float64)).float().to(device)
-    bias = (0.5 * torch.randn(c, generator=gen, dtype=torch.float64)).float().to(device)
-    running_mean = torch.randn(c, generator=gen).to(device)
-    running_var = (0.5 + torch.rand(c, generator=gen)).to(device)
-    results = []
-    for fn in (danlu.functional.batch_norm, F.batch_norm):
-        w = weight.clone().requires_grad_() if affine in ("weight_and_bias", "weight_only") else None
-        b = bias.clone().requires_grad_() if affine in ("weight_and_bias", "bias_only") else None
-        rm, rv = running_mean.clone(), running_var.clone()
-        x = x64.float().to(device).requires_grad_()
-        y = fn(x, rm, rv, w, b, training, 0.3, 1e-3)
-        y.backward(dy64.float().to(device))
-        results.append([y, x.grad, w.grad if w is not None else None, b.grad if b is not None else None, rm, rv])
-    for name, a, e in zip(["output", "input.grad", "weight.grad", "bias.grad", "running_mean", "running_var"],
-                          *results):
-        assert (a is None) == (e is None), name
-        if e is not None:
-            assert_close_rms(a, e, **FP32_TOL, name=name)
+    assert_no_worse_than_torch(*functional_runs(shape, training, affine, device=device))
 
 
 @pytest.mark.parametrize("positional", [True, False])
 def test_functional_training_without_running_stats_matches_torch(positional):
-    gen = torch.Generator().manual_seed(7)
-    x = fresh_input((5, 3, 4), gen).float()
-    w, b = torch.rand(3, generator=gen) + 0.5, torch.randn(3, generator=gen)
-    if positional:
-        got, want = danlu.functional.batch_norm(x, None, None, w, b, True), F.batch_norm(x, None, None, w, b, True)
-    else:
-        got = danlu.functional.batch_norm(x, None, None, weight=w, bias=b, training=True, momentum=0.5, eps=0.1)
-        want = F.batch_norm(x, None, None, weight=w, bias=b, training=True, momentum=0.5, eps=0.1)
-    assert_close_rms(got, want, **FP32_TOL)
+    def call(fn, x, rm, rv, w, b):
+        if positional:
+            return fn(x, rm, rv, w, b, True)
+        return fn(x, rm, rv, weight=w, bias=b, training=True, momentum=0.5, eps=0.1)
+
+    assert_no_worse_than_torch(*functional_runs((5, 3, 4), True, running=False, eps=1e-5 if positional else 0.1,
+                                                call=call))
 
 
 def test_functional_eval_without_running_stats_raises_like_torch():
@@ -609,7 +616,9 @@ def test_wrong_channel_count_raises_with_the_shapes(options, training):
     except RuntimeError:
         torch_raises = True
     if not torch_raises:  # no per-channel tensor to disagree with (affine=False, no running stats)
-        assert_close_rms(ours(x), ref(x), **FP32_TOL)
+        ours, ref = bn_pair(2, 3, **options)  # as they were before torch's call
+        ours.train(training), ref.train(training)
+        compare_step(ours, ours, ref, ref, x.double(), torch.randn(x.shape, dtype=torch.float64))
         return
     with pytest.raises((RuntimeError, ValueError)) as got:
         ours(x)
@@ -650,6 +659,386 @@ def test_integer_input_raises_a_clear_error(dtype):
     with pytest.raises((TypeError, RuntimeError)) as got:
         danlu.nn.BatchNorm2d(3)(x)
     assert re.search(str(dtype).replace("torch.", "") + "|Long|Int|Byte|Bool", str(got.value)), str(got.value)
+
+
+def snapshot(module):
+    return {name: t.detach().clone() for name, t in module.state_dict().items()}
+
+
+def assert_unchanged(module, before):
+    for name, t in module.state_dict().items():
+        assert torch.equal(t, before[name]), f"{name} changed by a call that raised"
+
+
+def assert_same_error(call_ours, call_torch):
+    """Both calls raise the same exception type with the same message; returns it."""
+    with pytest.raises(Exception) as expected:
+        call_torch()
+    with pytest.raises(type(expected.value)) as got:
+        call_ours()
+    assert str(got.value) == str(expected.value)
+    return got.value
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("eps", [0.0, -1e-5, -1.0])
+def test_eps_checked_like_torch(eps, training):
+    """torch: eps must be positive in training and non-negative in eval. Ours raises torch's ValueError before
+    anything changes (torch's module has counted the batch by then); eval with eps = 0 works as in torch."""
+    ours, ref = bn_pair(2, 3, eps=eps)
+    ours.train(training), ref.train(training)
+    x = fresh_input((4, 3, 5, 5), torch.Generator().manual_seed(1)).float()
+    before = snapshot(ours)
+    if eps < 0 or training:
+        assert_same_error(lambda: ours(x), lambda: ref(x))
+        assert_unchanged(ours, before)
+        rm, rv = torch.zeros(3), torch.ones(3)
+        assert_same_error(lambda: danlu.functional.batch_norm(x, rm, rv, training=training, eps=eps),
+                          lambda: F.batch_norm(x, rm, rv, training=training, eps=eps))
+        assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
+    else:
+        compare_step(ours, ours, ref, ref, x.double(), torch.randn(x.shape, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("momentum", [None, "0.1", torch.tensor([0.1]), 0.1 + 0j])
+@pytest.mark.parametrize("training", [True, False])
+def test_functional_momentum_of_another_type_raises_like_torch(momentum, training):
+    """danlu.functional.batch_norm(momentum=None) took running statistics that never updated; torch raises."""
+    x = fresh_input((4, 3, 5), torch.Generator().manual_seed(2)).float()
+    rm, rv = torch.zeros(3), torch.ones(3)
+    error = assert_same_error(lambda: danlu.functional.batch_norm(x, rm, rv, training=training, momentum=momentum),
+                              lambda: F.batch_norm(x, rm.clone(), rv.clone(), training=training, momentum=momentum))
+    assert isinstance(error, TypeError)
+    assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
+
+
+@pytest.mark.parametrize("momentum", [torch.tensor(0.25), 1, True, np.float32(0.25)])
+def test_functional_momentum_as_torch_takes_it(momentum):
+    """What torch's batch_norm takes for momentum (a 0-d tensor, an int, a bool, a NumPy number) is that number."""
+    x = fresh_input((4, 3, 5), torch.Generator().manual_seed(2)).float()
+    stats = [(torch.zeros(3), torch.ones(3)) for _ in range(2)]
+    y = danlu.functional.batch_norm(x, *stats[0], training=True, momentum=momentum)
+    expected = danlu.functional.batch_norm(x, *stats[1], training=True, momentum=float(momentum))
+    assert torch.equal(y, expected)
+    assert all(torch.equal(a, b) for a, b in zip(*stats))
+
+
+@pytest.mark.parametrize("training", [1, None, "yes"])
+def test_functional_training_flag_must_be_a_bool_as_in_torch(training):
+    x = torch.randn(4, 3)
+    assert_same_error(lambda: danlu.functional.batch_norm(x, torch.zeros(3), torch.ones(3), training=training),
+                      lambda: F.batch_norm(x, torch.zeros(3), torch.ones(3), training=training))
+
+
+PER_CHANNEL_DTYPES = [None, torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_per_channel_dtypes_accepted_exactly_where_torch_accepts_them(x_dtype):
+    """Weight, bias and running statistics in every combination of dtypes (or None) next to every input dtype:
+    ours raises torch's RuntimeError ("mixed dtype") exactly where torch's CPU batch_norm does, before anything
+    changes, and otherwise gives torch's output dtype. torch accepts one dtype for all of them: the input's, or
+    float32 next to a 16-bit input."""
+    x = fresh_input((4, 3, 5), torch.Generator().manual_seed(3)).to(x_dtype)
+    for w_dtype, b_dtype, stats_dtype, var_dtype in itertools.product(PER_CHANNEL_DTYPES, repeat=4):
+        if (stats_dtype is None) != (var_dtype is None):
+            continue
+        for training in (True, False) if stats_dtype is not None else (True,):
+            def args(dtype, value):
+                return None if dtype is None else torch.full((3,), value, dtype=dtype)
+
+            tensors = [(args(stats_dtype, 0.5), args(var_dtype, 2.0), args(w_dtype, 1.5), args(b_dtype, -0.5))
+                       for _ in range(2)]
+            what = f"{x_dtype} input, weight {w_dtype}, bias {b_dtype}, running {stats_dtype}/{var_dtype}, " \
+                   f"training={training}"
+            try:
+                want = F.batch_norm(x, *tensors[1], training, 0.1, 1e-5)
+            except RuntimeError:
+                with pytest.raises(RuntimeError, match="mixed dtype") as got:
+                    danlu.functional.batch_norm(x, *tensors[0], training, 0.1, 1e-5)
+                assert all(t is None or torch.equal(t, u) for t, u in zip(tensors[0], (args(stats_dtype, 0.5),
+                                                                                       args(var_dtype, 2.0)))), what
+                continue
+            got = danlu.functional.batch_norm(x, *tensors[0], training, 0.1, 1e-5)
+            assert got.dtype == want.dtype, what
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("training", [True, False])
+def test_integer_running_stats_raise_a_clear_error(dtype, training):
+    """Running statistics converted to integers (a module.to(...) gone wrong): torch's "mixed dtype" RuntimeError,
+    naming the buffer, and nothing changes."""
+    bn = danlu.nn.BatchNorm2d(3).train(training)
+    bn.running_mean = bn.running_mean.to(dtype)
+    bn.running_var = bn.running_var.to(dtype)
+    before = snapshot(bn)
+    with pytest.raises(RuntimeError, match="mixed dtype.*running_mean") as got:
+        bn(torch.randn(2, 3, 4, 4))
+    assert str(dtype) in str(got.value)
+    assert_unchanged(bn, before)
+
+
+NON_FINITE = [
+    pytest.param([math.inf], id="inf"),
+    pytest.param([-math.inf], id="-inf"),
+    pytest.param([math.inf, -math.inf], id="inf-and-minus-inf"),
+    pytest.param([math.nan], id="nan"),
+    pytest.param([math.inf, math.inf, 2.0], id="two-infs"),
+]
+
+
+NON_FINITE_SHAPES = [
+    pytest.param((4, 3, 5, 6), CONTIGUOUS, id="nchw"),
+    pytest.param((4, 3, 5, 6), CHANNELS_LAST, id="channels_last"),
+    pytest.param((700, 3), CONTIGUOUS, id="rows-several-blocks"),
+    pytest.param((2, 3, 40, 40), CONTIGUOUS, id="nchw-several-blocks"),
+]
+
+
+def with_non_finite(x64, values, gen):
+    """x64 with `values` at random places of channel 1."""
+    channel = channel_order(x64)[1]  # a view: channel 1 in reduction order
+    channel[torch.randperm(channel.numel(), generator=gen)[:len(values)]] = torch.tensor(values, dtype=torch.float64)
+    return x64
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape, memory_format", NON_FINITE_SHAPES)
+@pytest.mark.parametrize("values", NON_FINITE)
+def test_non_finite_inputs_like_torch(values, shape, memory_format, dtype):
+    """An inf (or NaN) in one channel: torch's running_mean is inf (NaN for +inf and -inf, or NaN), its running_var,
+    that channel's outputs, input and weight grads NaN; the bias grad and every other channel as usual. Ours: the
+    same infs and NaNs in the same places, the rest as close as ever. Several blocks: the inf's block is merged
+    with finite ones in either order. (CUDA gives the CPU's results: test_cuda_non_finite_inputs_give_the_cpus.)"""
+    ours, ref = bn_pair(dims_of(shape), shape[1], momentum=0.3,
+                        dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    gen = torch.Generator().manual_seed(5)
+    x64 = with_non_finite(fresh_input(shape, gen), values, gen)
+    dy64 = torch.randn(shape, generator=gen, dtype=torch.float64)
+    for step in range(2):
+        compare_step(ours, ours, ref, ref, x64.to(dtype).double(), dy64.to(dtype).double(), dtype=dtype,
+                     memory_format=memory_format, what=f"step {step}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Accuracy at scale: a channel of up to 2^26 elements
+
+
+def float64_mean_var(x):
+    """Per-channel mean and unbiased variance of x in float64, a chunk of channel order at a time (memory)."""
+    values = channel_order(x)
+    means, variances = [], []
+    for c in range(values.shape[0]):
+        v = values[c].double()
+        means.append(v.mean())
+        variances.append(v.var())
+    return torch.stack(means), torch.stack(variances)
+
+
+SCALE_CASES = [
+    pytest.param((2 ** 20, 1, 7), id="2^20-rows-of-7"),  # the issue's reproducer: 7.3M elements per channel
+    pytest.param((2 ** 23, 1, 8), id="2^26-in-rows-of-8"),
+    pytest.param((1, 1, 2 ** 13, 2 ** 13), id="2^26-in-one-run"),
+    pytest.param((2 ** 26, 1), id="2^26-rows-channels-last-path"),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", SCALE_CASES)
+def test_statistics_accurate_at_scale(shape, device):
+    """randn + 5 in float32 with up to 2^26 elements per channel: the batch mean and variance (running stats with
+    momentum 1) no further from float64 than TORCH_FACTOR times torch's own, plus the rounding of the result to
+    float32, and never more than 1e-6 off (relative on the variance, in std units on the mean). Float32 partials
+    merged one after another were 1.3e-3 off on the variance at 2^20 rows of 7, 2.3e-2 at 2^23 rows of 8."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(11)).add_(5.0)
+    mean, var = float64_mean_var(x)
+    errors = {}
+    for name, cls in (("danlu", danlu.nn), ("torch", torch.nn)):
+        bn = getattr(cls, f"BatchNorm{dims_of(shape)}d")(1, momentum=1.0, device=device)
+        with torch.no_grad(), num_threads(DANLU_THREADS):
+            bn(x.to(device))
+        errors[name] = (((bn.running_mean.cpu().double() - mean) / var.sqrt()).abs().max().item(),
+                        ((bn.running_var.cpu().double() - var) / var).abs().max().item())
+    eps = torch.finfo(torch.float32).eps
+    (mean_err, var_err), (torch_mean_err, torch_var_err) = errors["danlu"], errors["torch"]
+    assert var_err <= TORCH_FACTOR * torch_var_err + eps and var_err <= 1e-6, errors
+    # torch's own (N, C) CPU kernel is 0.85 off on the variance at 2^26 rows: the bounds of 1e-6 hold regardless.
+    assert mean_err <= TORCH_FACTOR * torch_mean_err + eps * (5 + 1) and mean_err <= 1e-6, errors
+
+
+# ---------------------------------------------------------------------------------------------
+# One numerical truth: the native reductions bit for bit against a model of their blocking
+
+
+BLOCKING_CASES = [
+    pytest.param((3, 5, 7, 7), CONTIGUOUS, id="nchw-7x7-blocks-cross-rows"),
+    pytest.param((4, 3, 14, 14), CHANNELS_LAST, id="channels_last-14x14"),
+    pytest.param((5, 2, 3), CONTIGUOUS, id="nchw-inner-3-lanes-cross-rows"),
+    pytest.param((1, 2, 511), CONTIGUOUS, id="one-short-block"),
+    pytest.param((1, 2, 512), CONTIGUOUS, id="one-full-block"),
+    pytest.param((1, 2, 513), CONTIGUOUS, id="a-block-of-one"),
+    pytest.param((3, 1), CONTIGUOUS, id="rows-three"),
+    pytest.param((70001, 2), CONTIGUOUS, id="rows-137-blocks"),
+    pytest.param((2, 2, 300, 300), CONTIGUOUS, id="nchw-352-blocks-beyond-a-cpu-chunk"),
+    pytest.param((37, 70, 3, 3), CHANNELS_LAST, id="channels_last-more-than-a-tile-of-channels"),
+]
+
+
+def assert_bitwise(actual, expected, what):
+    """The same bits, but for NaN, whose payload the CPU and the GPU choose differently: NaN in the same places."""
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, what
+    actual, expected = actual.cpu().contiguous(), expected.cpu().contiguous()
+    nan = expected.isnan()
+    assert torch.equal(actual.isnan(), nan), f"{what}: NaN in other places"
+    ints = {8: torch.int64, 4: torch.int32, 2: torch.int16}[actual.element_size()]
+    assert torch.equal(actual.view(ints)[~nan], expected.view(ints)[~nan]), f"{what}: not bit for bit"
+
+
+@pytest.mark.parametrize("dtype", [pytest.param(d, id=str(d).replace("torch.", "")) for d in
+                                   (torch.float32, torch.float64, torch.bfloat16, torch.float16)])
+@pytest.mark.parametrize("shape, memory_format", BLOCKING_CASES)
+def test_statistics_are_the_blocking_model_bit_for_bit(shape, memory_format, dtype, restore_num_threads):
+    """The native statistics (moments and finished) are model_statistics' bits: the blocking, the per-block
+    algorithm and the merge tree of csrc/norm/batch_norm_math.h, on any thread count. CUDA runs the same
+    (test_cuda_bitwise_equal_to_cpu)."""
+    gen = torch.Generator().manual_seed(12)
+    x = (fresh_input(shape, gen) * 3 + 20).to(dtype).contiguous(memory_format=memory_format)
+    moments, mean, invstd, var = model_statistics(x, 1e-3)
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        assert_bitwise(native_moments(x), moments, f"moments, {threads} threads")
+        for name, got, want in zip(("mean", "invstd", "var"), native_stats(x, 1e-3), (mean, invstd, var)):
+            assert_bitwise(got, want, f"{name}, {threads} threads")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("activation", ["identity", "relu"])
+@pytest.mark.parametrize("shape, memory_format", BLOCKING_CASES)
+def test_backward_sums_are_the_blocking_model_bit_for_bit(shape, memory_format, activation, dtype,
+                                                          restore_num_threads):
+    """The backward's sums (the bias and weight grads) are model_grad_sums' bits, on any thread count."""
+    gen = torch.Generator().manual_seed(13)
+    x = fresh_input(shape, gen).to(dtype).contiguous(memory_format=memory_format)
+    dy = torch.randn(shape, generator=gen).to(dtype).contiguous(memory_format=memory_format)
+    stat = torch.float64 if dtype == torch.float64 else torch.float32
+    weight, bias = 1 + torch.rand(shape[1], generator=gen).to(stat), torch.randn(shape[1], generator=gen).to(stat)
+    mean, invstd, _ = native_stats(x, 1e-5)
+    sum_dz, sum_dz_xhat = model_grad_sums(x, dy, mean, invstd, weight, bias, activation)
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        _, _, dw, db = native_backward(dy, x, None, weight, bias, mean, invstd, True, ACTIVATIONS[activation][0], 0.0,
+                                       (False, False, True, True))
+        assert_bitwise(db, sum_dz, f"sum of dz, {threads} threads")
+        assert_bitwise(dw, sum_dz_xhat, f"sum of dz * xhat, {threads} threads")
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA: the CPU's bits, the same bits every run, any stream
+
+
+CUDA_BITWISE_CASES = BLOCKING_CASES + [
+    pytest.param((1, 2, 1024, 1100), CONTIGUOUS, id="nchw-two-merge-levels"),
+    pytest.param((140000, 3), CONTIGUOUS, id="rows-two-merge-levels"),
+    pytest.param((3, 33, 1, 1), CONTIGUOUS, id="nchw-1x1"),
+    pytest.param((2, 35, 5, 5), CHANNELS_LAST, id="channels_last-35-channels"),
+]
+
+
+def native_pipeline(x, dy, res, weight, bias, activation, act_param):
+    """Every native op once on x's device: moments, finished statistics, forward and backward (all grads)."""
+    code = ACTIVATIONS[activation][0]
+    mean, invstd, var = native_stats(x, 1e-3)
+    y = native_forward(x, res, weight, bias, mean, invstd, True, code, act_param)
+    dx, dres, dw, db = native_backward(dy, x, res, weight, bias, mean, invstd, True, code, act_param,
+                                       (True, res is not None, True, True))
+    eval_dx, _, _, _ = native_backward(dy, x, res, weight, bias, mean, invstd, False, code, act_param,
+                                       (True, False, False, False))
+    return {"moments": native_moments(x), "mean": mean, "invstd": invstd, "var": var, "output": y, "input.grad": dx,
+            "residual.grad": dres, "weight.grad": dw, "bias.grad": db, "eval input.grad": eval_dx}
+
+
+def pipeline_inputs(shape, memory_format, dtype, residual, device, seed=14, non_finite=()):
+    gen = torch.Generator().manual_seed(seed)
+    x = with_non_finite(fresh_input(shape, gen) + 3, non_finite, gen)
+    x, dy, res = (t.to(dtype).contiguous(memory_format=memory_format).to(device) for t in
+                  (x, torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)))
+    stat = torch.float64 if dtype == torch.float64 else torch.float32
+    weight, bias = (1 + torch.rand(shape[1], generator=gen)).to(stat), torch.randn(shape[1], generator=gen).to(stat)
+    return x, dy, res if residual else None, weight.to(device), bias.to(device)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [pytest.param(d, id=str(d).replace("torch.", "")) for d in
+                                   (torch.float32, torch.float64, torch.bfloat16, torch.float16)])
+@pytest.mark.parametrize("activation, residual", [("identity", False), ("relu", True), ("silu", False),
+                                                  ("tanh", True), ("elu", False)])
+@pytest.mark.parametrize("shape, memory_format", CUDA_BITWISE_CASES)
+def test_cuda_bitwise_equal_to_cpu(shape, memory_format, activation, residual, dtype):
+    """The CUDA kernels compute the CPU's bits: statistics and backward sums (the one blocking and merge tree of
+    batch_norm_math.h), and the elementwise passes (its per-element formulas)."""
+    inputs = pipeline_inputs(shape, memory_format, dtype, residual, "cpu")
+    act_param = ACTIVATIONS[activation][1]
+    want = native_pipeline(*inputs, activation, act_param)
+    got = native_pipeline(*(None if t is None else t.cuda() for t in inputs), activation, act_param)
+    for name, expected in want.items():
+        if expected is not None:
+            assert got[name].is_cuda
+            assert_bitwise(got[name], expected, name)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape, memory_format", NON_FINITE_SHAPES)
+@pytest.mark.parametrize("values", NON_FINITE)
+def test_cuda_non_finite_inputs_give_the_cpus(values, shape, memory_format, dtype):
+    """With an inf or NaN in a channel, CUDA gives the CPU's infs and NaNs (which are torch's CPU results) and
+    bits everywhere else."""
+    inputs = pipeline_inputs(shape, memory_format, dtype, True, "cpu", non_finite=values)
+    want = native_pipeline(*inputs, "relu", 0.0)
+    got = native_pipeline(*(None if t is None else t.cuda() for t in inputs), "relu", 0.0)
+    for name, expected in want.items():
+        if expected is not None:
+            assert_bitwise(got[name], expected, name)
+
+
+@requires_cuda
+@pytest.mark.parametrize("shape, memory_format", [pytest.param((1, 2, 1024, 1100), CONTIGUOUS, id="nchw"),
+                                                  pytest.param((140000, 3), CONTIGUOUS, id="rows"),
+                                                  pytest.param((8, 64, 14, 14), CHANNELS_LAST, id="channels_last")])
+def test_cuda_runs_are_bitwise_deterministic(shape, memory_format):
+    inputs = pipeline_inputs(shape, memory_format, torch.float32, True, "cuda")
+    first, second = (native_pipeline(*inputs, "silu", 0.0) for _ in range(2))
+    for name, value in first.items():
+        if value is not None:
+            assert_bitwise(second[name], value, name)
+
+
+@requires_cuda
+@pytest.mark.parametrize("memory_format", [pytest.param(CONTIGUOUS, id="nchw"),
+                                           pytest.param(CHANNELS_LAST, id="channels_last")])
+def test_cuda_forward_backward_on_a_side_stream(memory_format):
+    """A module step inside torch.cuda.stream(s): the kernels run on s (torch's current stream) and give the bits
+    of the same step on the default stream."""
+    shape = (8, 16, 28, 28)
+    gen = torch.Generator().manual_seed(15)
+    x64, dy64, res64 = fresh_input(shape, gen), torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    results = []
+    for side in (False, True):
+        bn = danlu.nn.BatchNormAct2d(16, activation="relu").cuda()
+        randomize_affine(bn, seed=2)
+        stream = torch.cuda.Stream() if side else torch.cuda.current_stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            x, res = (t.float().contiguous(memory_format=memory_format).cuda().requires_grad_() for t in (x64, res64))
+            for _ in range(2):
+                y = bn(x, res)
+                y.backward(dy64.float().cuda())
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        results.append({"output": y.detach(), "input.grad": x.grad, "residual.grad": res.grad,
+                        "weight.grad": bn.weight.grad, "running_var": bn.running_var.clone()})
+    for name, value in results[0].items():
+        assert_bitwise(results[1][name], value, name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -718,7 +1107,8 @@ def danlu_run(shape, memory_format, dtype=torch.float32, activation="silu", seed
     """Outputs, grads and buffers of a BatchNormAct with residual over `steps` training steps and one eval
     step, as torch's thread count and danlu's ISA are set now."""
     torch.manual_seed(seed)
-    bn = getattr(danlu.nn, f"BatchNormAct{dims_of(shape)}d")(shape[1], activation=activation)
+    bn = getattr(danlu.nn, f"BatchNormAct{dims_of(shape)}d")(
+        shape[1], activation=activation, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
     randomize_affine(bn, seed)
     gen = torch.Generator().manual_seed(seed)
     results = []
@@ -787,6 +1177,10 @@ def test_cpu_isa_variants_bitwise_equal(shape, memory_format, activation, dtype,
     eps=st.floats(1e-6, 1e-1), affine=st.booleans(), track=st.booleans(),
     activation=st.one_of(st.none(), st.sampled_from(sorted(TORCH_ACTIVATIONS))), residual=st.booleans(),
 )
+# What hypothesis once found against the constant tolerances: two samples per channel, eps = 1e-6 (the input grad
+# is pure rounding there, torch's as much as ours).
+@example(dims=1, n=2, c=4, spatial=[], channels_last=False, momentum=0.1, eps=1e-6, affine=True, track=True,
+         activation=None, residual=False)
 def test_random_shapes_and_options_match_torch(dims, n, c, spatial, channels_last, momentum, eps, affine, track,
                                                activation, residual):
     spatial = {1: spatial[:1], 2: (spatial + [3, 2])[:2], 3: (spatial + [3, 2, 2])[:3]}[dims]
@@ -796,25 +1190,25 @@ def test_random_shapes_and_options_match_torch(dims, n, c, spatial, channels_las
     fmt = {4: CHANNELS_LAST, 5: CHANNELS_LAST_3D}.get(len(shape), CONTIGUOUS) if channels_last else CONTIGUOUS
     ours, ref = bn_pair(dims, c, activation=activation, momentum=momentum, eps=eps, affine=affine,
                         track_running_stats=track)
-    ref_fn = torch_act_reference(ref, activation, {}) if activation else ref
     train_and_compare(ours, ref, shape, memory_format=fmt, residual=residual and activation is not None,
-                      ref_fn=ref_fn, steps=2, eval_steps=1, atol=2e-6, rtol=2e-5)
+                      activation=activation, steps=2, eval_steps=1)
 
 
 @pytest.mark.parametrize("training", [True, False])
 def test_strided_per_channel_tensors_are_read_as_views(training):
-    """weight, bias and running statistics that are strided views are read through their strides."""
+    """weight, bias and running statistics that are strided views are read through their strides: the same
+    bits as contiguous copies of them."""
     c = 6
     x = torch.randn(4, c, 5, 5)
     storage = {name: torch.randn(2 * c) for name in ("weight", "bias", "mean")}
     storage["var"] = torch.rand(2 * c) + 0.5
     views = {name: t[::2] for name, t in storage.items()}
-    ref = {name: t.clone() for name, t in views.items()}
+    dense = {name: t.clone() for name, t in views.items()}
+    assert not views["mean"].is_contiguous() and dense["mean"].is_contiguous()
     y = danlu.functional.batch_norm(x, views["mean"], views["var"], views["weight"], views["bias"], training)
-    expected = F.batch_norm(x, ref["mean"], ref["var"], ref["weight"], ref["bias"], training)
-    torch.testing.assert_close(y, expected, **FP32_TOL)
-    torch.testing.assert_close(views["mean"], ref["mean"], **FP32_TOL)
-    torch.testing.assert_close(views["var"], ref["var"], **FP32_TOL)
+    expected = danlu.functional.batch_norm(x, dense["mean"], dense["var"], dense["weight"], dense["bias"], training)
+    assert torch.equal(y, expected)
+    assert torch.equal(views["mean"], dense["mean"]) and torch.equal(views["var"], dense["var"])
 
 
 @pytest.mark.parametrize("shape, memory_format", [
@@ -827,18 +1221,10 @@ def test_elementwise_passes_split_into_blocks_of_runs(shape, memory_format, acti
     """The CPU elementwise passes hand threads blocks of whole runs (a channel's inner elements, or a
     channels-last row); shapes whose blocks start in the middle of the channel order still match torch."""
     gen = torch.Generator().manual_seed(21)
-    ours = danlu.nn.BatchNormAct1d(shape[1], activation=activation) if len(shape) == 3 else \
-        danlu.nn.BatchNormAct2d(shape[1], activation=activation)
-    ref = torch.nn.BatchNorm1d(shape[1]) if len(shape) == 3 else torch.nn.BatchNorm2d(shape[1])
-    randomize_affine(ours, seed=3)
-    ref.load_state_dict(ours.state_dict())
-    act = TORCH_ACTIVATIONS[activation][0]
+    ours, ref = bn_pair(dims_of(shape), shape[1], seed=3, activation=activation)
     x64, dy64 = fresh_input(shape, gen), torch.randn(shape, generator=gen, dtype=torch.float64)
-    got = forward_backward(ours, ours, x64, dy64, dtype=torch.float32, device="cpu", memory_format=memory_format)
-    want = forward_backward(lambda x: act(ref(x), None), ref, x64, dy64, dtype=torch.float32, device="cpu",
-                            memory_format=memory_format)
-    for name in want:
-        assert_close_rms(got[name], want[name], name=name, **FP32_TOL)
+    compare_step(ours, ours, ref, torch_act_reference(ref, activation, {}), x64.float().double(), dy64,
+                 memory_format=memory_format, activation=activation)
 
 
 @pytest.mark.parametrize("training", [True, False])

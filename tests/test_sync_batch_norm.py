@@ -3,6 +3,7 @@ running torch's BatchNorm on the whole batch; and the non-distributed behaviour 
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import subprocess
@@ -16,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 import danlu.nn
-from danlu.nn.sync_batch_norm import _merge_moments
+from danlu._batch_norm import finalize_moments, native_moments
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                 reason="needs torch.distributed with the gloo backend")
@@ -39,6 +40,8 @@ class Case:
     activation: str = "identity"
     residual: bool = False
     x_grad: bool = True
+    strided_params: bool = False  # weight and bias are strided views (read through their strides)
+    inf_at: int | None = None  # sample that holds an inf in channel 0
 
 
 CASES = {
@@ -54,7 +57,14 @@ CASES = {
     "no-running-stats": Case((8, 3, 4, 5), (2, 6), track_running_stats=False),
     "relu-residual": Case((8, 3, 4, 5), (3, 5), channels_last=True, activation="relu", residual=True),
     "input-without-grad": Case((8, 3, 4, 5), (4, 4), torch.float64, x_grad=False),
+    "strided-params": Case((8, 3, 4, 5), (3, 5), strided_params=True),
+    "channels_last-strided-params-relu": Case((8, 3, 4, 5), (5, 3), channels_last=True, activation="relu",
+                                              strided_params=True),
+    "inf-on-the-second-rank": Case((8, 3, 4, 5), (4, 4), inf_at=6),
+    "inf-on-the-first-rank-uneven": Case((9, 3, 4, 5), (2, 7), channels_last=True, inf_at=1),
 }
+# Cases where one rank holds the whole batch: that rank's results are the local BatchNorm's, bit for bit.
+WHOLE_BATCH_ON_ONE_RANK = [name for name, case in CASES.items() if 0 in case.splits and sum(case.splits)]
 
 TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-10)}
 TORCH_ACTIVATIONS = {"identity": lambda t: t, "relu": torch.relu}
@@ -74,16 +84,23 @@ def _batch(case, seed, step):
     """(x, dy, residual or None) of the whole batch for one step."""
     gen = torch.Generator().manual_seed(1000 * seed + step)
     tensors = [torch.randn(case.shape, generator=gen, dtype=torch.float64) * 2 + 0.5 for _ in range(3)]
+    if case.inf_at is not None:
+        tensors[0][case.inf_at, 0].view(-1)[step] = math.inf
     x, dy, res = (t.to(case.dtype).contiguous(memory_format=_memory_format(case)) for t in tensors)
     return x, dy, res if case.residual else None
 
 
-def _init_params(bn, case, seed):
+def _init_params(bn, case, seed, strided=True):
     if case.affine:
         gen = torch.Generator().manual_seed(seed)
+        values = [1 + 0.2 * torch.randn(bn.num_features, generator=gen, dtype=torch.float64),
+                  0.2 * torch.randn(bn.num_features, generator=gen, dtype=torch.float64)]
+        if case.strided_params and strided:  # every other element of a storage twice as long
+            bn.weight, bn.bias = (torch.nn.Parameter(torch.zeros(2 * bn.num_features, dtype=case.dtype)[::2])
+                                  for _ in range(2))
         with torch.no_grad():
-            bn.weight.copy_(1 + 0.2 * torch.randn(bn.num_features, generator=gen, dtype=torch.float64))
-            bn.bias.copy_(0.2 * torch.randn(bn.num_features, generator=gen, dtype=torch.float64))
+            bn.weight.copy_(values[0])
+            bn.bias.copy_(values[1])
     return bn
 
 
@@ -183,12 +200,24 @@ def _run_ddp(rank):
     return {"state": {name.removeprefix("module."): t for name, t in state.items()}, "torch_refusal": torch_refusal}
 
 
+def _run_bad_eps(rank):
+    """eps = 0 in training: torch's ValueError on every rank before any collective or state change."""
+    bn = danlu.nn.SyncBatchNorm(3, eps=0.0)
+    try:
+        bn(torch.randn(4, 3, 2, 2))
+        error = None
+    except ValueError as e:
+        error = str(e)
+    return {"error": error, "buffers": {name: t.clone() for name, t in bn.named_buffers()}}
+
+
 def worker_main(rank, store, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD,
                             timeout=COLLECTIVE_TIMEOUT)
     try:
-        results = dict(cases=_run_cases(rank), group_of_one=_run_group_of_one(rank), ddp=_run_ddp(rank))
+        results = dict(cases=_run_cases(rank), group_of_one=_run_group_of_one(rank), ddp=_run_ddp(rank),
+                       bad_eps=_run_bad_eps(rank))
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -242,11 +271,15 @@ def _reference(name, rows=slice(None)):
     bn_class = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d,
                 5: torch.nn.BatchNorm3d}[len(case.shape)]
     seed = list(CASES).index(name)
-    return _train(_init_params(bn_class(case.shape[1], **_module_kwargs(case)), case, seed), case, seed, rows)
+    # torch's reference gets the values of strided params in dense ones: torch 2.13's channels-last CPU backward
+    # misreads a strided weight (its input grad then differs from the one with a dense weight of the same values).
+    bn = _init_params(bn_class(case.shape[1], **_module_kwargs(case)), case, seed, strided=False)
+    return _train(bn, case, seed, rows)
 
 
 def _assert_close(actual, expected, case, what):
-    torch.testing.assert_close(actual, expected, **TOLERANCE[case.dtype], msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(actual, expected, **TOLERANCE[case.dtype], equal_nan=True,
+                               msg=lambda m: f"{what}: {m}")
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -273,7 +306,8 @@ def test_every_rank_holds_the_same_running_stats(ranks, name):
     first, *others = (r["cases"][name]["buffers"] for r in ranks)
     for other in others:
         for buffer, value in first.items():
-            assert torch.equal(other[buffer], value), f"{buffer} differs between ranks"
+            torch.testing.assert_close(other[buffer], value, rtol=0, atol=0, equal_nan=True,
+                                       msg=f"{buffer} differs between ranks")
 
 
 @pytest.mark.parametrize("name", [n for n, c in CASES.items() if c.channels_last])
@@ -296,6 +330,27 @@ def _assert_runs_identical(got, expected):
         assert torch.equal(got["buffers"][buffer], value), buffer
 
 
+@pytest.mark.parametrize("name", WHOLE_BATCH_ON_ONE_RANK)
+def test_rank_with_the_whole_batch_is_local_batch_norm_bit_for_bit(ranks, name):
+    """One pipeline: where the other ranks hold nothing, the group's statistics, running statistics, outputs and
+    grads are the bits of danlu's BatchNorm on that rank alone (the merge with empty ranks is exact, and both
+    take the same steps after it)."""
+    case = CASES[name]
+    seed = list(CASES).index(name)
+    rank = case.splits.index(sum(case.splits))
+    plain = {2: danlu.nn.BatchNormAct1d, 3: danlu.nn.BatchNormAct1d, 4: danlu.nn.BatchNormAct2d,
+             5: danlu.nn.BatchNormAct3d}[len(case.shape)]
+    local = _init_params(plain(case.shape[1], activation=case.activation, **_module_kwargs(case)), case, seed)
+    _assert_runs_identical(ranks[rank]["cases"][name], _train(local, case, seed, _rows_of(case, rank)))
+
+
+def test_bad_eps_raises_on_every_rank_before_anything_changes(ranks):
+    for rank in ranks:
+        assert rank["bad_eps"]["error"] == "batch_norm eps must be positive during training, but got 0.0"
+        assert int(rank["bad_eps"]["buffers"]["num_batches_tracked"]) == 0
+        assert torch.equal(rank["bad_eps"]["buffers"]["running_mean"], torch.zeros(3))
+
+
 def test_group_of_one_rank_is_local_batch_norm(ranks):
     for sync, local in (r["group_of_one"] for r in ranks):
         _assert_runs_identical(sync, local)
@@ -316,26 +371,26 @@ def test_without_process_group_is_batch_norm(name):
     _assert_runs_identical(*(_train(bn, case, 0, slice(None)) for bn in (sync, local)))
 
 
-def _moments_row(samples):
-    """[count, mean, M2] as a rank packs it: all zeros for a rank without samples."""
-    mean = samples.mean(0) if len(samples) else torch.zeros(samples.shape[1], dtype=samples.dtype)
-    count = torch.tensor([float(len(samples))], dtype=samples.dtype)
-    return torch.cat([count, mean, ((samples - mean) ** 2).sum(0)])
-
-
 @pytest.mark.parametrize("sizes", [(7,), (0, 0), (3, 0, 5), (4, 1, 0, 6, 2), (2, 3, 5, 7, 11, 13, 0, 1, 9)])
 def test_merge_of_ranks_statistics_is_one_pass_over_all(sizes):
-    """The tree merge for any number of ranks, odd ones and ranks without samples included."""
+    """What every rank does with the gathered moments, for any number of ranks, odd ones and ranks without
+    samples included: the merged moments and statistics are those of one pass over all samples."""
     gen = torch.Generator().manual_seed(len(sizes))
     parts = [torch.randn(n, 4, generator=gen, dtype=torch.float64) * 3 + 100 for n in sizes]
-    count, mean, m2 = _merge_moments(torch.stack([_moments_row(p) for p in parts]), 4)
+    gathered = torch.stack([native_moments(p) for p in parts])
     whole = torch.cat(parts)
-    assert count.item() == len(whole)
+    mean, invstd, var = finalize_moments(whole, gathered, 1e-5)
+    count, merged_mean, m2 = gathered[0].unbind(1)
+    assert torch.equal(count, torch.full((4,), float(len(whole)), dtype=torch.float64))
     if len(whole):
+        torch.testing.assert_close(merged_mean, whole.mean(0), rtol=1e-13, atol=0)
         torch.testing.assert_close(mean, whole.mean(0), rtol=1e-13, atol=0)
         torch.testing.assert_close(m2, ((whole - whole.mean(0)) ** 2).sum(0), rtol=1e-11, atol=0)
+        torch.testing.assert_close(invstd, (whole.var(0, unbiased=False) + 1e-5).rsqrt(), rtol=1e-11, atol=0)
+        if len(whole) > 1:
+            torch.testing.assert_close(var, whole.var(0), rtol=1e-11, atol=0)
     else:
-        assert not mean.any() and not m2.any()
+        assert not merged_mean.any() and not m2.any()
 
 
 def test_ddp_on_cpu_modules(ranks):

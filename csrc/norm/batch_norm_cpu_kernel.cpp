@@ -1,6 +1,7 @@
-// CPU BatchNorm, compiled once per ISA (CMakeLists.txt sets DANLU_CPU_ISA and the flags).
-// Reductions use a fixed partition of the data and merge partials in a fixed order, so results do
-// not depend on the thread count; lanes are explicit so they do not depend on the vector width.
+// CPU BatchNorm, compiled once per ISA (CMakeLists.txt sets DANLU_CPU_ISA and the flags). The math, the blocking
+// of the reductions and their merge tree are batch_norm_math.h's, as on CUDA; this file only iterates. Lanes are
+// explicit arrays, so results do not depend on the vector width, and threads take whole blocks (or aligned
+// subtrees of blocks), so they do not depend on the thread count either.
 #include <omp.h>
 
 #include <algorithm>
@@ -16,100 +17,172 @@ namespace danlu {
 namespace DANLU_CPU_ISA {
 namespace {
 
-constexpr int kLanes = 16;
-constexpr int64_t kBlockElems = 1 << 14;  // one reduction block: fits in L1/L2, read twice
-
 template <typename P> P* ptr(uintptr_t p) { return reinterpret_cast<P*>(p); }
 
-// Sum over lanes in a fixed order.
-template <typename M> M lane_total(const M (&lane)[kLanes]) {
-  M total = 0;
-  for (int l = 0; l < kLanes; ++l) total += lane[l];
-  return total;
-}
+constexpr int64_t kChunkBlocks = 64;  // NCHW: the blocks of one channel a thread reduces, an aligned subtree
+constexpr int kTile = 64;             // channels last: the channels a thread reduces over one block of rows
 
-// Two passes over one cache-resident run: the mean, then squared deviations from it.
-template <typename T, typename M> __attribute__((noinline)) Moments<M> run_moments(const T* x, int64_t n) {
+int64_t block_count(int64_t n) { return (n + kBlockElems - 1) / kBlockElems; }
+int block_size(int64_t b, int64_t n) { return int(std::min<int64_t>(kBlockElems, n - b * kBlockElems)); }
+
+// The partial statistics of one block of n values, v[i] being element i (batch_norm_math.h): lane sums of x for
+// its mean, then of the deviations from it and their squares (the block is in cache).
+template <typename M> __attribute__((noinline)) Moments block_stats(const M* v, int n) {
   M lane[kLanes] = {};
-  int64_t i = 0;
+  int i = 0;
   for (; i + kLanes <= n; i += kLanes)
-    for (int l = 0; l < kLanes; ++l) lane[l] += load_as<M>(x + i + l);
-  for (; i < n; ++i) lane[i % kLanes] += load_as<M>(x + i);
-  const M mean = lane_total(lane) / M(n);
-  M dev[kLanes] = {};
+    for (int l = 0; l < kLanes; ++l) lane[l] = lane[l] + v[i + l];
+  for (int l = 0; i + l < n; ++l) lane[l] = lane[l] + v[i + l];
+  const M mean = block_mean(lane_tree(lane), n);
+  M dev[kLanes] = {}, sq[kLanes] = {};
+  const auto add = [&](int l, M x) {
+    const M d = x - mean;
+    dev[l] = dev[l] + d;
+    sq[l] = sq[l] + d * d;
+  };
   for (i = 0; i + kLanes <= n; i += kLanes)
-    for (int l = 0; l < kLanes; ++l) {
-      const M d = load_as<M>(x + i + l) - mean;
-      dev[l] += d * d;
-    }
-  for (; i < n; ++i) {
-    const M d = load_as<M>(x + i) - mean;
-    dev[i % kLanes] += d * d;
-  }
-  return {M(n), mean, lane_total(dev)};
+    for (int l = 0; l < kLanes; ++l) add(l, v[i + l]);
+  for (int l = 0; i + l < n; ++l) add(l, v[i + l]);
+  const M deviations = lane_tree(dev);
+  return block_moments(n, mean, deviations, lane_tree(sq));
 }
 
-// Channels-last block: `rows` rows of C channels; per-channel moments into out[0..C).
+// NCHW: the n elements e0, e0 + 1, ... of channel c (element e = r * inner + i is x[(r * C + c) * inner + i]) as
+// M values: a pointer into x where they are one run of M already, else copied into buf.
 template <typename T, typename M>
-__attribute__((noinline)) void rows_moments(const T* x, int64_t rows, int64_t C, M* sum, Moments<M>* out) {
-  // Summing deviations from the block's first row keeps the sum small when the mean is large.
-  std::fill(sum, sum + C, M(0));
-  for (int64_t r = 1; r < rows; ++r)
-    for (int64_t c = 0; c < C; ++c) sum[c] += load_as<M>(x + r * C + c) - load_as<M>(x + c);
-  for (int64_t c = 0; c < C; ++c) sum[c] = load_as<M>(x + c) + sum[c] / M(rows);  // now the block mean
-  std::vector<M> m2(size_t(C), M(0));
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < C; ++c) {
-      const M d = load_as<M>(x + r * C + c) - sum[c];
-      m2[size_t(c)] += d * d;
-    }
-  for (int64_t c = 0; c < C; ++c) out[c] = {M(rows), sum[c], m2[size_t(c)]};
+const M* block_values(const BatchNormArgs& a, const T* x, int64_t c, int64_t e0, int n, M* buf) {
+  int64_t r = e0 / a.inner, i = e0 % a.inner;
+  if constexpr (std::is_same_v<T, M>) {
+    if (i + n <= a.inner) return x + (r * a.channels + c) * a.inner + i;
+  }
+  for (int done = 0; done < n; ++r, i = 0) {
+    const T* run = x + (r * a.channels + c) * a.inner + i;
+    const int len = int(std::min<int64_t>(n - done, a.inner - i));
+    for (int j = 0; j < len; ++j) buf[done + j] = load_as<M>(run + j);
+    done += len;
+  }
+  return buf;
 }
 
-// The fixed row blocks of a channels-last reduction.
-struct RowBlocks {
-  int64_t rows_per_block, count;
-  RowBlocks(int64_t rows, int64_t C)
-      // At least 16 rows a block, so the partials stay well below the size of x for wide layers.
-      : rows_per_block(std::max<int64_t>(16, kBlockElems / std::max<int64_t>(C, 1))),
-        count((rows + rows_per_block - 1) / rows_per_block) {}
-  int64_t size(int64_t b, int64_t rows) const { return std::min(rows_per_block, rows - b * rows_per_block); }
+// Channels last: partials of `width` channels from c0 over the n rows of one block, each channel's lanes an
+// array (lane l takes rows l, l + kLanes, ...) so that the loops vectorise over channels.
+template <typename M> struct TileLanes {
+  M v[kLanes][kTile];
+  void clear(int width) {
+    for (auto& lane : v) std::fill(lane, lane + width, M(0));
+  }
+  // lane_tree for every channel of the tile: the result is v[0].
+  void tree(int width) {
+    for (int w = kLanes / 2; w > 0; w /= 2)
+      for (int l = 0; l < w; ++l)
+#pragma omp simd
+        for (int c = 0; c < width; ++c) v[l][c] = v[l][c] + v[l + w][c];
+  }
 };
+
+template <typename T, typename M>
+__attribute__((noinline)) void rows_block_stats(const T* x, int64_t C, int width, int n, TileLanes<M>& dev,
+                                                TileLanes<M>& sq, Moments* out, int64_t out_stride) {
+  dev.clear(width);
+  for (int j = 0; j < n; ++j) {
+    M* lane = dev.v[j % kLanes];
+#pragma omp simd
+    for (int c = 0; c < width; ++c) lane[c] = lane[c] + load_as<M>(x + j * C + c);
+  }
+  dev.tree(width);
+  M mean[kTile];
+  for (int c = 0; c < width; ++c) mean[c] = block_mean(dev.v[0][c], n);
+  dev.clear(width);
+  sq.clear(width);
+  for (int j = 0; j < n; ++j) {
+    M* lane_dev = dev.v[j % kLanes];
+    M* lane_sq = sq.v[j % kLanes];
+#pragma omp simd
+    for (int c = 0; c < width; ++c) {
+      const M d = load_as<M>(x + j * C + c) - mean[c];
+      lane_dev[c] = lane_dev[c] + d;
+      lane_sq[c] = lane_sq[c] + d * d;
+    }
+  }
+  dev.tree(width);
+  sq.tree(width);
+  for (int c = 0; c < width; ++c) out[c * out_stride] = block_moments(n, mean[c], dev.v[0][c], sq.v[0][c]);
+}
+
+// Runs fn(item) for items [0, count) in parallel. Each item writes only its own partials, so the schedule does not
+// change any result.
+template <class Fn> void parallel_items(int64_t count, int nt, Fn&& fn) {
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+  for (int64_t item = 0; item < count; ++item) fn(item);
+}
+
+// Block partials of every channel, [channels][blocks]: filled by fill(partial, blocks), then merged per channel
+// in the tree; out(c, root) takes each channel's root.
+template <class Partial, class Fill, class Out>
+void reduce_channels(const BatchNormArgs& a, int nt, Fill&& fill, Out&& out) {
+  const int64_t C = a.channels, n = a.rows * a.inner, blocks = block_count(n);
+  std::vector<Partial> partial(size_t(C * blocks));
+  fill(partial.data(), blocks);
+  // NCHW fills merge each chunk of kChunkBlocks into its first entry; merging those roots completes the tree.
+  const int64_t stride = a.inner > 1 ? kChunkBlocks : 1;
+  const int64_t roots = (blocks + stride - 1) / stride;
+#pragma omp parallel for num_threads(std::min<int64_t>(nt, C)) schedule(static)
+  for (int64_t c = 0; c < C; ++c) {
+    Partial* p = partial.data() + c * blocks;
+    if (blocks == 0) {
+      out(c, Partial{});
+      continue;
+    }
+    merge_tree(p, roots, stride);
+    out(c, p[0]);
+  }
+}
+
+// NCHW: a thread takes kChunkBlocks blocks of one channel, computes their partials with block(c, b, e0, n) and
+// merges them into the chunk's first entry.
+template <class Partial, class Block>
+void fill_channel_chunks(const BatchNormArgs& a, int nt, Partial* partial, int64_t blocks, Block&& block) {
+  const int64_t n = a.rows * a.inner, chunks = (blocks + kChunkBlocks - 1) / kChunkBlocks;
+  parallel_items(a.channels * chunks, nt, [&](int64_t item) {
+    const int64_t c = item / chunks, first = item % chunks * kChunkBlocks;
+    const int64_t count = std::min(kChunkBlocks, blocks - first);
+    Partial* p = partial + c * blocks + first;
+    for (int64_t b = 0; b < count; ++b) p[b] = block(c, (first + b) * kBlockElems, block_size(first + b, n));
+    merge_tree(p, count, 1);
+  });
+}
+
+// Channels last: a thread takes one block of rows for a tile of channels; rows(p, c0, width, r0, n) writes the
+// partials of channels [c0, c0 + width) at p[c * blocks].
+template <class Partial, class Rows>
+void fill_row_blocks(const BatchNormArgs& a, int nt, Partial* partial, int64_t blocks, Rows&& rows) {
+  const int64_t tiles = (a.channels + kTile - 1) / kTile;
+  parallel_items(blocks * tiles, nt, [&](int64_t item) {
+    const int64_t b = item / tiles, c0 = item % tiles * kTile;
+    const int width = int(std::min<int64_t>(kTile, a.channels - c0));
+    rows(partial + c0 * blocks + b, c0, width, b * kBlockElems, block_size(b, a.rows));
+  });
+}
 
 template <typename T> void stats(const BatchNormArgs& a, int nt) {
   using M = math_t<T>;
   const T* x = ptr<const T>(a.x);
-  M* out_mean = ptr<M>(a.out_mean);
-  M* out_m2 = ptr<M>(a.out_m2);
-  const int64_t R = a.rows, C = a.channels, I = a.inner;
-  if (I > 1) {  // a channel is R runs of I contiguous elements
-#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
-    for (int64_t c = 0; c < C; ++c) {
-      Moments<M> acc;
-      for (int64_t r = 0; r < R; ++r)
-        for (int64_t i0 = 0; i0 < I; i0 += kBlockElems)
-          acc.merge(run_moments<T, M>(x + (r * C + c) * I + i0, std::min(kBlockElems, I - i0)));
-      out_mean[c] = acc.mean;
-      out_m2[c] = acc.m2;
-    }
+  const auto out = [&](int64_t c, const Moments& m) { store_statistics<M>(a, c, m); };
+  if (a.inner > 1) {
+    reduce_channels<Moments>(a, nt, [&](Moments* partial, int64_t blocks) {
+      fill_channel_chunks(a, nt, partial, blocks, [&](int64_t c, int64_t e0, int n) {
+        M buf[kBlockElems];
+        return block_stats(block_values(a, x, c, e0, n, buf), n);
+      });
+    }, out);
     return;
   }
-  const RowBlocks blocks(R, C);
-  std::vector<Moments<M>> partial(size_t(blocks.count * C));
-#pragma omp parallel num_threads(nt)
-  {
-    std::vector<M> scratch(static_cast<size_t>(C));
-#pragma omp for schedule(static)
-    for (int64_t b = 0; b < blocks.count; ++b)
-      rows_moments<T, M>(x + b * blocks.rows_per_block * C, blocks.size(b, R), C, scratch.data(),
-                         partial.data() + b * C);
-  }
-  for (int64_t c = 0; c < C; ++c) {
-    Moments<M> acc;
-    for (int64_t b = 0; b < blocks.count; ++b) acc.merge(partial[size_t(b * C + c)]);
-    out_mean[c] = acc.mean;
-    out_m2[c] = acc.m2;
-  }
+  reduce_channels<Moments>(a, nt, [&](Moments* partial, int64_t blocks) {
+    fill_row_blocks(a, nt, partial, blocks, [&](Moments* p, int64_t c0, int width, int64_t r0, int n) {
+      TileLanes<M> dev, sq;
+      rows_block_stats(x + r0 * a.channels + c0, a.channels, width, n, dev, sq, p, blocks);
+    });
+  }, out);
 }
 
 // Structure-of-arrays copies of the per-channel constants, so channels-last loops vectorise over c.
@@ -122,20 +195,119 @@ template <typename M> struct AffineArrays {
       mean[size_t(c)] = k.mean, scale[size_t(c)] = k.scale, shift[size_t(c)] = k.shift;
     }
   }
+  ChannelAffine<M> operator[](int64_t c) const { return {mean[size_t(c)], scale[size_t(c)], shift[size_t(c)]}; }
 };
+double count_of(const BatchNormArgs& a) { return a.count_ptr ? *ptr<const double>(a.count_ptr) : a.count; }
 template <typename M> struct GradArrays {
-  std::vector<M> invstd, dz_scale, mean_dz, mean_dz_xhat;
+  std::vector<M> mean, invstd, dz_scale, mean_dz, mean_dz_xhat;
   explicit GradArrays(const BatchNormArgs& a)
-      : invstd(a.channels), dz_scale(a.channels), mean_dz(a.channels), mean_dz_xhat(a.channels) {
+      : mean(a.channels), invstd(a.channels), dz_scale(a.channels), mean_dz(a.channels), mean_dz_xhat(a.channels) {
+    const M inv_count = inverse_count<M>(count_of(a), a.batch_stats);
     for (int64_t c = 0; c < a.channels; ++c) {
       const ChannelGrad<M> k = channel_grad(ptr<const M>(a.mean), ptr<const M>(a.invstd), ptr<const M>(a.weight),
-                                            ptr<const M>(a.sum_dz), ptr<const M>(a.sum_dz_xhat), M(a.count),
-                                            a.batch_stats, c);
-      invstd[size_t(c)] = k.invstd, dz_scale[size_t(c)] = k.dz_scale;
+                                            ptr<const M>(a.sum_dz), ptr<const M>(a.sum_dz_xhat), inv_count, c);
+      mean[size_t(c)] = k.mean, invstd[size_t(c)] = k.invstd, dz_scale[size_t(c)] = k.dz_scale;
       mean_dz[size_t(c)] = k.mean_dz, mean_dz_xhat[size_t(c)] = k.mean_dz_xhat;
     }
   }
+  ChannelGrad<M> operator[](int64_t c) const {
+    const size_t i = size_t(c);
+    return {mean[i], invstd[i], dz_scale[i], mean_dz[i], mean_dz_xhat[i]};
+  }
 };
+
+// The backward's partial sums of one block of one channel (NCHW), from its x, residual and dy values.
+template <bool kResidual, typename M, ActKind kAct>
+__attribute__((noinline)) GradSums block_grad_sums(const M* xs, const M* rs, const M* dys, int n, ChannelAffine<M> k,
+                                                   M invstd, Activation<M, kAct> act) {
+  M lane_dz[kLanes] = {}, lane_dzx[kLanes] = {};
+  const auto add = [&](int l, int i) {
+    const M dz = element_dz<kResidual>(act, k, xs[i], kResidual ? rs[i] : M(0), dys[i]);
+    lane_dz[l] = lane_dz[l] + dz;
+    lane_dzx[l] = lane_dzx[l] + dz * normalized(xs[i], k.mean, invstd);
+  };
+  int i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+#pragma omp simd
+    for (int l = 0; l < kLanes; ++l) add(l, i + l);
+  for (int l = 0; i + l < n; ++l) add(l, i + l);
+  return block_sums(lane_tree(lane_dz), lane_tree(lane_dzx));
+}
+
+// Channels last: the backward's partial sums of channels [c0, c0 + width) over one block of n rows.
+template <bool kResidual, typename T, typename M, ActKind kAct>
+__attribute__((noinline)) void rows_block_grad_sums(const T* x, const T* res, const T* dy, int64_t C, int width,
+                                                    int n, const ChannelAffine<M>* k, const M* invstd,
+                                                    Activation<M, kAct> act, TileLanes<M>& dz, TileLanes<M>& dzx,
+                                                    GradSums* out, int64_t out_stride) {
+  M mean[kTile], scale[kTile], shift[kTile];
+  for (int c = 0; c < width; ++c) mean[c] = k[c].mean, scale[c] = k[c].scale, shift[c] = k[c].shift;
+  dz.clear(width);
+  dzx.clear(width);
+  for (int j = 0; j < n; ++j) {
+    M* lane_dz = dz.v[j % kLanes];
+    M* lane_dzx = dzx.v[j % kLanes];
+    const int64_t row = j * C;
+#pragma omp simd
+    for (int c = 0; c < width; ++c) {
+      const M xc = load_as<M>(x + row + c);
+      const M e_dz = element_dz<kResidual>(act, ChannelAffine<M>{mean[c], scale[c], shift[c]}, xc,
+                                           kResidual ? load_as<M>(res + row + c) : M(0), load_as<M>(dy + row + c));
+      lane_dz[c] = lane_dz[c] + e_dz;
+      lane_dzx[c] = lane_dzx[c] + e_dz * normalized(xc, mean[c], invstd[c]);
+    }
+  }
+  dz.tree(width);
+  dzx.tree(width);
+  for (int c = 0; c < width; ++c) out[c * out_stride] = block_sums(dz.v[0][c], dzx.v[0][c]);
+}
+
+template <typename T> void backward_reduce(const BatchNormArgs& a, int nt) {
+  using M = math_t<T>;
+  const AffineArrays<M> k(a);
+  const T* x = ptr<const T>(a.x);
+  const T* res = ptr<const T>(a.residual);
+  const T* dy = ptr<const T>(a.dy);
+  const M* invstd = ptr<const M>(a.invstd);
+  const auto out = [&](int64_t c, const GradSums& s) { store_grad_sums<M>(a, c, s); };
+  dispatch_activation(a.activation, [&](auto kind) {
+    const Activation<M, decltype(kind)::value> act{M(a.act_param)};
+    const auto with_residual = [&](auto fn) {
+      if (res) fn(std::true_type{});
+      else fn(std::false_type{});
+    };
+    if (a.inner > 1) {
+      reduce_channels<GradSums>(a, nt, [&](GradSums* partial, int64_t blocks) {
+        fill_channel_chunks(a, nt, partial, blocks, [&](int64_t c, int64_t e0, int n) {
+          M xb[kBlockElems], rb[kBlockElems], dyb[kBlockElems];
+          const M* xs = block_values(a, x, c, e0, n, xb);
+          const M* dys = block_values(a, dy, c, e0, n, dyb);
+          GradSums sums;
+          with_residual([&](auto residual) {
+            constexpr bool kResidual = decltype(residual)::value;
+            const M* rs = kResidual ? block_values(a, res, c, e0, n, rb) : nullptr;
+            sums = block_grad_sums<kResidual>(xs, rs, dys, n, k[c], invstd[c], act);
+          });
+          return sums;
+        });
+      }, out);
+      return;
+    }
+    reduce_channels<GradSums>(a, nt, [&](GradSums* partial, int64_t blocks) {
+      fill_row_blocks(a, nt, partial, blocks, [&](GradSums* p, int64_t c0, int width, int64_t r0, int n) {
+        TileLanes<M> dz, dzx;
+        ChannelAffine<M> tile[kTile];
+        for (int c = 0; c < width; ++c) tile[c] = k[c0 + c];
+        const int64_t off = r0 * a.channels + c0;
+        with_residual([&](auto residual) {
+          constexpr bool kResidual = decltype(residual)::value;
+          rows_block_grad_sums<kResidual>(x + off, kResidual ? res + off : nullptr, dy + off, a.channels, width, n,
+                                          tile, invstd + c0, act, dz, dzx, p, blocks);
+        });
+      });
+    }, out);
+  });
+}
 
 // The index of the per-channel constants of element i of run r (runs numbered from first_run).
 template <int64_t kStride> struct RunChannels {
@@ -181,8 +353,8 @@ __attribute__((noinline)) void forward_runs(const T* x, const T* res, T* y, int6
 #pragma omp simd
     for (int64_t i = 0; i < width; ++i) {
       const int64_t c = c0 + i * kStride;
-      M z = (load_as<M>(x + off + i) - mean[c]) * scale[c] + shift[c];
-      if constexpr (kResidual) z = z + load_as<M>(res + off + i);
+      const M z = pre_activation<kResidual>(ChannelAffine<M>{mean[c], scale[c], shift[c]}, load_as<M>(x + off + i),
+                                            kResidual ? load_as<M>(res + off + i) : M(0));
       store_from(y + off + i, act.forward(z));
     }
   }
@@ -200,129 +372,25 @@ template <typename T> void forward(const BatchNormArgs& a, int nt) {
   });
 }
 
-// dz of one element: dy * act'(z), z recomputed exactly as the forward computed it.
-template <typename T, ActKind kAct, bool kResidual, typename M>
-DANLU_HD M element_dz(const T* x, const T* res, const T* dy, int64_t i, M mean, M scale, M shift,
-                      const Activation<M, kAct>& act) {
-  if constexpr (kAct == ActKind::Identity) {
-    return load_as<M>(dy + i);
-  } else {
-    M z = (load_as<M>(x + i) - mean) * scale + shift;
-    if constexpr (kResidual) z = z + load_as<M>(res + i);
-    return load_as<M>(dy + i) * act.grad(z);
-  }
-}
-
-template <typename T, ActKind kAct, bool kResidual, typename M>
-__attribute__((noinline)) void reduce_run(const T* x, const T* res, const T* dy, int64_t n, M mean, M scale,
-                                          M shift, M invstd, Activation<M, kAct> act, M& sum_dz, M& sum_dz_xhat) {
-  M lane_dz[kLanes] = {}, lane_dzx[kLanes] = {};
-  for (int64_t i0 = 0; i0 < n; i0 += kLanes) {
-    const int64_t width = std::min<int64_t>(kLanes, n - i0);
-    for (int l = 0; l < width; ++l) {
-      const M dz = element_dz<T, kAct, kResidual>(x, res, dy, i0 + l, mean, scale, shift, act);
-      lane_dz[l] += dz;
-      lane_dzx[l] += dz * ((load_as<M>(x + i0 + l) - mean) * invstd);
-    }
-  }
-  sum_dz = lane_total(lane_dz);
-  sum_dz_xhat = lane_total(lane_dzx);
-}
-
-template <typename T, ActKind kAct, bool kResidual, typename M>
-__attribute__((noinline)) void reduce_rows(const T* x, const T* res, const T* dy, int64_t rows, int64_t C,
-                                           const M* mean, const M* scale, const M* shift, const M* invstd,
-                                           Activation<M, kAct> act, M* sum_dz, M* sum_dz_xhat) {
-  std::fill(sum_dz, sum_dz + C, M(0));
-  std::fill(sum_dz_xhat, sum_dz_xhat + C, M(0));
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t off = r * C;
-#pragma omp simd
-    for (int64_t c = 0; c < C; ++c) {
-      const M dz = element_dz<T, kAct, kResidual>(x + off, res ? res + off : nullptr, dy + off, c, mean[c],
-                                                  scale[c], shift[c], act);
-      sum_dz[c] += dz;
-      sum_dz_xhat[c] += dz * ((load_as<M>(x + off + c) - mean[c]) * invstd[c]);
-    }
-  }
-}
-
-template <typename T> void backward_reduce(const BatchNormArgs& a, int nt) {
-  using M = math_t<T>;
-  const AffineArrays<M> k(a);
-  const T* x = ptr<const T>(a.x);
-  const T* res = ptr<const T>(a.residual);
-  const T* dy = ptr<const T>(a.dy);
-  const M* invstd = ptr<const M>(a.invstd);
-  M* out_dz = ptr<M>(a.sum_dz);
-  M* out_dzx = ptr<M>(a.sum_dz_xhat);
-  const int64_t R = a.rows, C = a.channels, I = a.inner;
-  dispatch_activation(a.activation, [&](auto kind) {
-    constexpr ActKind kAct = decltype(kind)::value;
-    const Activation<M, kAct> act{M(a.act_param)};
-    if (I > 1) {
-#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
-      for (int64_t c = 0; c < C; ++c) {
-        M total_dz = 0, total_dzx = 0;
-        for (int64_t r = 0; r < R; ++r) {
-          const int64_t off = (r * C + c) * I;
-          M s_dz, s_dzx;
-          if (res)
-            reduce_run<T, kAct, true>(x + off, res + off, dy + off, I, k.mean[c], k.scale[c], k.shift[c], invstd[c],
-                                      act, s_dz, s_dzx);
-          else
-            reduce_run<T, kAct, false>(x + off, nullptr, dy + off, I, k.mean[c], k.scale[c], k.shift[c],
-                                       invstd[c], act, s_dz, s_dzx);
-          total_dz += s_dz;
-          total_dzx += s_dzx;
-        }
-        out_dz[c] = total_dz;
-        out_dzx[c] = total_dzx;
-      }
-      return;
-    }
-    const RowBlocks blocks(R, C);
-    std::vector<M> partial(size_t(2 * blocks.count * C));
-#pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t b = 0; b < blocks.count; ++b) {
-      const int64_t off = b * blocks.rows_per_block * C;
-      M* p_dz = partial.data() + 2 * b * C;
-      if (res)
-        reduce_rows<T, kAct, true>(x + off, res + off, dy + off, blocks.size(b, R), C, k.mean.data(),
-                                   k.scale.data(), k.shift.data(), invstd, act, p_dz, p_dz + C);
-      else
-        reduce_rows<T, kAct, false>(x + off, nullptr, dy + off, blocks.size(b, R), C, k.mean.data(),
-                                    k.scale.data(), k.shift.data(), invstd, act, p_dz, p_dz + C);
-    }
-    for (int64_t c = 0; c < C; ++c) {
-      M total_dz = 0, total_dzx = 0;
-      for (int64_t b = 0; b < blocks.count; ++b) {
-        total_dz += partial[size_t(2 * b * C + c)];
-        total_dzx += partial[size_t(2 * b * C + C + c)];
-      }
-      out_dz[c] = total_dz;
-      out_dzx[c] = total_dzx;
-    }
-  });
-}
-
 // Writes dx, and with a residual its grad dz too (the caller always provides both buffers).
 template <typename T, bool kResidual, ActKind kAct, int64_t kStride, typename M>
 __attribute__((noinline)) void apply_runs(const T* x, const T* res, const T* dy, T* dx, T* dres, int64_t runs,
                                           int64_t width, RunChannels<kStride> ch, AffineArrays<M> const* k,
                                           GradArrays<M> const* g, Activation<M, kAct> act) {
   const M *mean = k->mean.data(), *scale = k->scale.data(), *shift = k->shift.data();
-  const M *invstd = g->invstd.data(), *dz_scale = g->dz_scale.data();
+  const M *g_mean = g->mean.data(), *invstd = g->invstd.data(), *dz_scale = g->dz_scale.data();
   const M *mean_dz = g->mean_dz.data(), *mean_dz_xhat = g->mean_dz_xhat.data();
   for (int64_t r = 0; r < runs; ++r) {
     const int64_t off = r * width, c0 = ch.base(r);
 #pragma omp simd
     for (int64_t i = 0; i < width; ++i) {
       const int64_t c = c0 + i * kStride, e = off + i;
-      const M dz = element_dz<T, kAct, kResidual>(x, res, dy, e, mean[c], scale[c], shift[c], act);
+      const M xe = load_as<M>(x + e);
+      const M dz = element_dz<kResidual>(act, ChannelAffine<M>{mean[c], scale[c], shift[c]}, xe,
+                                         kResidual ? load_as<M>(res + e) : M(0), load_as<M>(dy + e));
       if constexpr (kResidual) store_from(dres + e, dz);
-      const M xhat = (load_as<M>(x + e) - mean[c]) * invstd[c];
-      store_from(dx + e, (dz - mean_dz[c] - xhat * mean_dz_xhat[c]) * dz_scale[c]);
+      const ChannelGrad<M> cg{g_mean[c], invstd[c], dz_scale[c], mean_dz[c], mean_dz_xhat[c]};
+      store_from(dx + e, input_grad(cg, xe, dz));
     }
   }
 }

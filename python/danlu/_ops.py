@@ -14,13 +14,13 @@ import torch
 from torch import Tensor
 
 from danlu._batch_norm import (
-    _stat_dtype,
     input_grads,
     layout_of,
     native_backward,
     native_forward,
     native_stats,
     save_for_backward,
+    stat_dtype,
 )
 from danlu._dropout import apply_mask, mask_words
 from danlu._dropout import input_grads as dropout_input_grads
@@ -40,17 +40,17 @@ def _checked_layout(op, x, residual=None):
 
 
 @torch.library.custom_op("danlu::batch_norm_stats", mutates_args=())
-def batch_norm_stats(x: Tensor) -> tuple[Tensor, Tensor]:
-    """(mean, M2) per channel; see native_stats. No autograd formula: call it on a detached x."""
+def batch_norm_stats(x: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(mean, invstd, unbiased var) per channel; see native_stats. No autograd formula: call it on a detached x."""
     _checked_layout("batch_norm_stats", x)
-    return native_stats(x)
+    return native_stats(x, eps)
 
 
 @batch_norm_stats.register_fake
-def _stats_fake(x):
+def _stats_fake(x, eps):
     _checked_layout("batch_norm_stats", x)
-    mean = x.new_empty(x.shape[1], dtype=_stat_dtype(x))
-    return mean, torch.empty_like(mean)
+    mean = x.new_empty(x.shape[1], dtype=stat_dtype(x))
+    return mean, torch.empty_like(mean), torch.empty_like(mean)
 
 
 @torch.library.custom_op("danlu::batch_norm_forward", mutates_args=())

@@ -2,26 +2,41 @@
 
 import torch
 
-from danlu._batch_norm import ACTIVATIONS, batch_norm_act
+from danlu._batch_norm import ACTIVATIONS, LOCAL, check_args, run_batch_norm
 
 
 class _DanluBatchNorm:
-    """forward() of torch's _BatchNorm, word for word in its decisions, on danlu's kernels."""
+    """forward() of torch's _BatchNorm, word for word in its decisions, on danlu's kernels; every argument is
+    validated before num_batches_tracked counts the batch (torch counts it even when its batch_norm then raises).
+    SyncBatchNorm overrides _statistics."""
 
     activation = "identity"
     act_param = None
 
+    def _statistics(self):
+        """How training reduces the batch statistics (danlu._batch_norm.Statistics)."""
+        return LOCAL
+
     def forward(self, input, residual=None):
         self._check_input_dim(input)
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        track = not self.training or self.track_running_stats
-        return batch_norm_act(input, self.running_mean if track else None, self.running_var if track else None,
-                              self.weight, self.bias, use_batch_stats, factor, self.eps, self.activation,
-                              self.act_param, residual)
+        training, momentum = self.training, self.momentum
+        running_mean, running_var, batches = self.running_mean, self.running_var, self.num_batches_tracked
+        weight, bias, activation = self.weight, self.bias, self.activation
+        counts = training and self.track_running_stats and batches is not None
+        if momentum is not None:
+            factor = momentum
+        else:  # the cumulative average over the batches counted so far, this one included
+            factor = 1.0 / (float(batches) + 1.0) if counts else 0.0
+        use_batch_stats = training or (running_mean is None and running_var is None)
+        if training and not self.track_running_stats:
+            running_mean = running_var = None
+        statistics = self._statistics() if use_batch_stats else LOCAL
+        input, residual, factor, eps = check_args(input, running_mean, running_var, weight, bias, use_batch_stats,
+                                                  factor, self.eps, activation, residual, statistics)
+        if counts:
+            batches.add_(1)
+        return run_batch_norm(input, running_mean, running_var, weight, bias, use_batch_stats, factor, eps,
+                              activation, self.act_param, residual, statistics)
 
 
 class BatchNorm1d(_DanluBatchNorm, torch.nn.BatchNorm1d):
