@@ -26,11 +26,15 @@ PYBIND11_MODULE(_C, m) {
 
   // Codes the Python side shares with the kernels, defined once in the headers and exported from here.
   using Codes = std::map<std::string, int>;
-  m.attr("dtype_codes") = Codes{{"float32", int(danlu::DType::Float32)}, {"float64", int(danlu::DType::Float64)},
-                                {"float16", int(danlu::DType::Float16)}, {"bfloat16", int(danlu::DType::BFloat16)}};
-  m.attr("optim_kinds") = Codes{{"Adam", int(danlu::OptimKind::Adam)}, {"SGD", int(danlu::OptimKind::Sgd)},
-                                {"RMSprop", int(danlu::OptimKind::Rmsprop)}, {"Adagrad", int(danlu::OptimKind::Adagrad)}};
-  m.attr("table_rows") = Codes{{"param", danlu::kParamRow}, {"grad", danlu::kGradRow}, {"state", danlu::kStateRow},
+  m.attr("dtype_codes") = Codes{{"float32", int(danlu::DType::Float32)},
+                                {"float64", int(danlu::DType::Float64)},
+                                {"float16", int(danlu::DType::Float16)},
+                                {"bfloat16", int(danlu::DType::BFloat16)}};
+  m.attr("optim_kinds") = Codes{{"Adam", int(danlu::OptimKind::Adam)},
+                                {"SGD", int(danlu::OptimKind::Sgd)},
+                                {"RMSprop", int(danlu::OptimKind::Rmsprop)},
+                                {"Adagrad", int(danlu::OptimKind::Adagrad)}};
+  m.attr("table_rows") = Codes{{"param", danlu::kParamRow}, {"grad", danlu::kGradRow},   {"state", danlu::kStateRow},
                                {"step", danlu::kStepRow},   {"numel", danlu::kNumelRow}, {"offset", danlu::kOffsetRow},
                                {"flags", danlu::kFlagsRow}};
   m.attr("table_num_rows") = int(danlu::kNumRows);
@@ -135,8 +139,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("batch_norm_forward_cpu", &danlu::batch_norm_forward_cpu, py::arg("args"), py::arg("num_threads"), no_gil);
   m.def("batch_norm_backward_reduce_cpu", &danlu::batch_norm_backward_reduce_cpu, py::arg("args"),
         py::arg("num_threads"), no_gil);
-  m.def("batch_norm_backward_apply_cpu", &danlu::batch_norm_backward_apply_cpu, py::arg("args"),
-        py::arg("num_threads"), no_gil);
+  m.def("batch_norm_backward_apply_cpu", &danlu::batch_norm_backward_apply_cpu, py::arg("args"), py::arg("num_threads"),
+        no_gil);
 
   m.attr("DROPOUT_MASK_BITS") = danlu::kDropoutMaskBits;
   m.attr("DROPOUT_MAX_BIAS_SIZE") = danlu::kDropoutMaxBiasSize;
@@ -160,19 +164,19 @@ PYBIND11_MODULE(_C, m) {
 #ifdef DANLU_WITH_CUDA
   m.def("dropout_forward_cuda", &danlu::dropout_forward_cuda, py::arg("args"), py::arg("device"), py::arg("stream"),
         no_gil);
-  m.def("dropout_backward_cuda", &danlu::dropout_backward_cuda, py::arg("args"), py::arg("device"),
-        py::arg("stream"), no_gil);
+  m.def("dropout_backward_cuda", &danlu::dropout_backward_cuda, py::arg("args"), py::arg("device"), py::arg("stream"),
+        no_gil);
   m.def("batch_norm_cuda_workspace_bytes", &danlu::batch_norm_cuda_workspace_bytes, py::arg("args"));
-  m.def("batch_norm_stats_cuda", &danlu::batch_norm_stats_cuda, py::arg("args"), py::arg("device"),
-        py::arg("stream"), py::arg("workspace"), no_gil);
+  m.def("batch_norm_stats_cuda", &danlu::batch_norm_stats_cuda, py::arg("args"), py::arg("device"), py::arg("stream"),
+        py::arg("workspace"), no_gil);
   m.def("batch_norm_finalize_cuda", &danlu::batch_norm_finalize_cuda, py::arg("args"), py::arg("device"),
         py::arg("stream"), no_gil);
   m.def("batch_norm_forward_cuda", &danlu::batch_norm_forward_cuda, py::arg("args"), py::arg("device"),
         py::arg("stream"), no_gil);
-  m.def("batch_norm_backward_reduce_cuda", &danlu::batch_norm_backward_reduce_cuda, py::arg("args"),
-        py::arg("device"), py::arg("stream"), py::arg("workspace"), no_gil);
-  m.def("batch_norm_backward_apply_cuda", &danlu::batch_norm_backward_apply_cuda, py::arg("args"),
-        py::arg("device"), py::arg("stream"), no_gil);
+  m.def("batch_norm_backward_reduce_cuda", &danlu::batch_norm_backward_reduce_cuda, py::arg("args"), py::arg("device"),
+        py::arg("stream"), py::arg("workspace"), no_gil);
+  m.def("batch_norm_backward_apply_cuda", &danlu::batch_norm_backward_apply_cuda, py::arg("args"), py::arg("device"),
+        py::arg("stream"), no_gil);
   m.def("optim_step_cuda", &danlu::optim_step_cuda, py::arg("args"), py::arg("device"), py::arg("stream"),
         py::arg("step_counter"), py::call_guard<py::gil_scoped_release>());
 #endif

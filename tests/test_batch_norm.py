@@ -879,7 +879,7 @@ BLOCKING_CASES = [
     pytest.param((1, 2, 513), CONTIGUOUS, id="a-block-of-one"),
     pytest.param((3, 1), CONTIGUOUS, id="rows-three"),
     pytest.param((70001, 2), CONTIGUOUS, id="rows-137-blocks"),
-    pytest.param((2, 2, 300, 300), CONTIGUOUS, id="nchw-352-blocks-beyond-a-cpu-chunk"),
+    pytest.param((2, 2, 300, 300), CONTIGUOUS, id="nchw-352-blocks-beyond-one-host-chunk"),
     pytest.param((37, 70, 3, 3), CHANNELS_LAST, id="channels_last-more-than-a-tile-of-channels"),
 ]
 

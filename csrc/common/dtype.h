@@ -18,16 +18,32 @@ namespace danlu {
 // Codes exported to Python as danlu._C.dtype_codes.
 enum class DType : int { Float32 = 0, Float64 = 1, Float16 = 2, BFloat16 = 3 };
 
-struct alignas(2) Half { uint16_t bits; };
-struct alignas(2) BFloat16 { uint16_t bits; };
+struct alignas(2) Half {
+  uint16_t bits;
+};
+struct alignas(2) BFloat16 {
+  uint16_t bits;
+};
 
 // float64 tensors compute in double, every other dtype in float (as torch's fused kernels do).
-template <typename T> struct MathTypeOf { using type = float; };
-template <> struct MathTypeOf<double> { using type = double; };
+template <typename T> struct MathTypeOf {
+  using type = float;
+};
+template <> struct MathTypeOf<double> {
+  using type = double;
+};
 template <typename T> using math_t = typename MathTypeOf<T>::type;
 
-DANLU_HD float float_from_bits(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
-DANLU_HD uint32_t float_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+DANLU_HD float float_from_bits(uint32_t u) {
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+DANLU_HD uint32_t float_bits(float f) {
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  return u;
+}
 
 DANLU_HD float bfloat16_to_float(uint16_t bits) { return float_from_bits(uint32_t(bits) << 16); }
 DANLU_HD uint16_t float_to_bfloat16(float f) {
@@ -76,7 +92,9 @@ template <typename T, typename M> DANLU_HD void store_from(T* p, M v) {
   else *p = T(v);
 }
 
-template <typename T> struct TypeTag { using type = T; };
+template <typename T> struct TypeTag {
+  using type = T;
+};
 
 // Calls fn(TypeTag<T>{}) with the element type named by a dtype code: one template serves every dtype.
 template <typename Fn> decltype(auto) dispatch_dtype(int code, Fn&& fn) {

@@ -42,7 +42,8 @@ struct TensorTable {
     int64_t lo = 0, hi = n;  // answer in [lo, hi)
     while (hi - lo > 1) {
       int64_t mid = (lo + hi) / 2;
-      if (at(kOffsetRow, mid) <= v) lo = mid; else hi = mid;
+      if (at(kOffsetRow, mid) <= v) lo = mid;
+      else hi = mid;
     }
     return lo;
   }

@@ -32,10 +32,10 @@ void check_dropout_args(const DropoutArgs& a, bool backward);
 void dropout_forward_cpu(const DropoutArgs& a, int num_threads);
 void dropout_backward_cpu(const DropoutArgs& a, int num_threads);
 
-#define DANLU_DECLARE_DROPOUT_CPU_ISA(isa)                           \
-  namespace isa {                                                    \
-  void dropout_forward_cpu(const DropoutArgs& a, int num_threads);   \
-  void dropout_backward_cpu(const DropoutArgs& a, int num_threads);  \
+#define DANLU_DECLARE_DROPOUT_CPU_ISA(isa)                          \
+  namespace isa {                                                   \
+  void dropout_forward_cpu(const DropoutArgs& a, int num_threads);  \
+  void dropout_backward_cpu(const DropoutArgs& a, int num_threads); \
   }
 DANLU_DECLARE_DROPOUT_CPU_ISA(generic)
 DANLU_DECLARE_DROPOUT_CPU_ISA(avx2)

@@ -107,10 +107,8 @@ struct BiasColumns {
   // first: the lane's first element; its vectors are vector_elems apart within a tile (kVecs of them), and
   // its tiles tile_elems apart.
   __device__ BiasColumns(int64_t bias_size, int64_t first, int64_t vector_elems, int64_t tile_elems)
-      : size(uint32_t(bias_size)),
-        vector_step(uint32_t(vector_elems % bias_size)),
-        tile_step(uint32_t((tile_elems - kVecs * vector_elems) % bias_size)),
-        vector(uint32_t(first % bias_size)) {}
+      : size(uint32_t(bias_size)), vector_step(uint32_t(vector_elems % bias_size)),
+        tile_step(uint32_t((tile_elems - kVecs * vector_elems) % bias_size)), vector(uint32_t(first % bias_size)) {}
   __device__ uint32_t advance(uint32_t column, uint32_t step) const {
     return column + step >= size ? column + step - size : column + step;
   }
@@ -120,7 +118,8 @@ struct BiasColumns {
 
 // The lane's first element in its warp's first tile, and the distance between a warp's tiles.
 template <typename T> __device__ int64_t first_lane_element() {
-  return (int64_t(blockIdx.x) * kThreads + threadIdx.x) / kWarp * Tile<T>::kElems + threadIdx.x % kWarp * Tile<T>::kWidth;
+  return (int64_t(blockIdx.x) * kThreads + threadIdx.x) / kWarp * Tile<T>::kElems +
+         threadIdx.x % kWarp * Tile<T>::kWidth;
 }
 template <typename T> __device__ int64_t grid_stride() {
   return int64_t(gridDim.x) * (kThreads / kWarp) * Tile<T>::kElems;

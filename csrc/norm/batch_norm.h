@@ -45,12 +45,12 @@ void batch_norm_forward_cpu(const BatchNormArgs& a, int num_threads);
 void batch_norm_backward_reduce_cpu(const BatchNormArgs& a, int num_threads);
 void batch_norm_backward_apply_cpu(const BatchNormArgs& a, int num_threads);
 
-#define DANLU_DECLARE_BN_CPU_ISA(isa)                                          \
-  namespace isa {                                                              \
+#define DANLU_DECLARE_BN_CPU_ISA(isa)                                           \
+  namespace isa {                                                               \
   void batch_norm_stats_cpu(const BatchNormArgs& a, int num_threads);           \
   void batch_norm_forward_cpu(const BatchNormArgs& a, int num_threads);         \
   void batch_norm_backward_reduce_cpu(const BatchNormArgs& a, int num_threads); \
-  void batch_norm_backward_apply_cpu(const BatchNormArgs& a, int num_threads); \
+  void batch_norm_backward_apply_cpu(const BatchNormArgs& a, int num_threads);  \
   }
 DANLU_DECLARE_BN_CPU_ISA(generic)
 DANLU_DECLARE_BN_CPU_ISA(avx2)

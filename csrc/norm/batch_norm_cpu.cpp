@@ -20,8 +20,7 @@ void check_batch_norm_args(const BatchNormArgs& a, BatchNormOp op) {
     case BatchNormOp::Finalize:
       DANLU_CHECK(!channels || (a.moments != 0 && finished), "batch norm finalize: null buffers");
       return;
-    default:
-      break;
+    default: break;
   }
   DANLU_CHECK(!channels || (a.mean != 0 && a.invstd != 0), "batch norm: null statistics");
   if (op == BatchNormOp::Forward) {
@@ -32,8 +31,7 @@ void check_batch_norm_args(const BatchNormArgs& a, BatchNormOp op) {
   } else {
     DANLU_CHECK(!elements || (a.dy != 0 && a.dx != 0 && (!a.residual || a.dresidual != 0)),
                 "batch norm backward: null grads");
-    DANLU_CHECK(!a.batch_stats || !channels || (a.sum_dz != 0 && a.sum_dz_xhat != 0),
-                "batch norm backward: null sums");
+    DANLU_CHECK(!a.batch_stats || !channels || (a.sum_dz != 0 && a.sum_dz_xhat != 0), "batch norm backward: null sums");
     DANLU_CHECK(!a.batch_stats || !elements || a.count_ptr != 0 || a.count > 0, "batch norm backward: no count");
   }
 }
@@ -77,8 +75,8 @@ void batch_norm_backward_reduce_cpu(const BatchNormArgs& a, int nt) {
 }
 
 void batch_norm_backward_apply_cpu(const BatchNormArgs& a, int nt) {
-  on_isa(a, BatchNormOp::BackwardApply, nt, generic::batch_norm_backward_apply_cpu,
-         avx2::batch_norm_backward_apply_cpu, avx512::batch_norm_backward_apply_cpu);
+  on_isa(a, BatchNormOp::BackwardApply, nt, generic::batch_norm_backward_apply_cpu, avx2::batch_norm_backward_apply_cpu,
+         avx512::batch_norm_backward_apply_cpu);
 }
 
 }  // namespace danlu

@@ -169,20 +169,26 @@ template <typename T> void stats(const BatchNormArgs& a, int nt) {
   const T* x = ptr<const T>(a.x);
   const auto out = [&](int64_t c, const Moments& m) { store_statistics<M>(a, c, m); };
   if (a.inner > 1) {
-    reduce_channels<Moments>(a, nt, [&](Moments* partial, int64_t blocks) {
-      fill_channel_chunks(a, nt, partial, blocks, [&](int64_t c, int64_t e0, int n) {
-        M buf[kBlockElems];
-        return block_stats(block_values(a, x, c, e0, n, buf), n);
-      });
-    }, out);
+    reduce_channels<Moments>(
+        a, nt,
+        [&](Moments* partial, int64_t blocks) {
+          fill_channel_chunks(a, nt, partial, blocks, [&](int64_t c, int64_t e0, int n) {
+            M buf[kBlockElems];
+            return block_stats(block_values(a, x, c, e0, n, buf), n);
+          });
+        },
+        out);
     return;
   }
-  reduce_channels<Moments>(a, nt, [&](Moments* partial, int64_t blocks) {
-    fill_row_blocks(a, nt, partial, blocks, [&](Moments* p, int64_t c0, int width, int64_t r0, int n) {
-      TileLanes<M> dev, sq;
-      rows_block_stats(x + r0 * a.channels + c0, a.channels, width, n, dev, sq, p, blocks);
-    });
-  }, out);
+  reduce_channels<Moments>(
+      a, nt,
+      [&](Moments* partial, int64_t blocks) {
+        fill_row_blocks(a, nt, partial, blocks, [&](Moments* p, int64_t c0, int width, int64_t r0, int n) {
+          TileLanes<M> dev, sq;
+          rows_block_stats(x + r0 * a.channels + c0, a.channels, width, n, dev, sq, p, blocks);
+        });
+      },
+      out);
 }
 
 // Structure-of-arrays copies of the per-channel constants, so channels-last loops vectorise over c.
@@ -190,8 +196,8 @@ template <typename M> struct AffineArrays {
   std::vector<M> mean, scale, shift;
   explicit AffineArrays(const BatchNormArgs& a) : mean(a.channels), scale(a.channels), shift(a.channels) {
     for (int64_t c = 0; c < a.channels; ++c) {
-      const ChannelAffine<M> k = channel_affine(ptr<const M>(a.mean), ptr<const M>(a.invstd),
-                                                ptr<const M>(a.weight), ptr<const M>(a.bias), c);
+      const ChannelAffine<M> k =
+          channel_affine(ptr<const M>(a.mean), ptr<const M>(a.invstd), ptr<const M>(a.weight), ptr<const M>(a.bias), c);
       mean[size_t(c)] = k.mean, scale[size_t(c)] = k.scale, shift[size_t(c)] = k.shift;
     }
   }
@@ -236,10 +242,10 @@ __attribute__((noinline)) GradSums block_grad_sums(const M* xs, const M* rs, con
 
 // Channels last: the backward's partial sums of channels [c0, c0 + width) over one block of n rows.
 template <bool kResidual, typename T, typename M, ActKind kAct>
-__attribute__((noinline)) void rows_block_grad_sums(const T* x, const T* res, const T* dy, int64_t C, int width,
-                                                    int n, const ChannelAffine<M>* k, const M* invstd,
-                                                    Activation<M, kAct> act, TileLanes<M>& dz, TileLanes<M>& dzx,
-                                                    GradSums* out, int64_t out_stride) {
+__attribute__((noinline)) void rows_block_grad_sums(const T* x, const T* res, const T* dy, int64_t C, int width, int n,
+                                                    const ChannelAffine<M>* k, const M* invstd, Activation<M, kAct> act,
+                                                    TileLanes<M>& dz, TileLanes<M>& dzx, GradSums* out,
+                                                    int64_t out_stride) {
   M mean[kTile], scale[kTile], shift[kTile];
   for (int c = 0; c < width; ++c) mean[c] = k[c].mean, scale[c] = k[c].scale, shift[c] = k[c].shift;
   dz.clear(width);
@@ -277,35 +283,41 @@ template <typename T> void backward_reduce(const BatchNormArgs& a, int nt) {
       else fn(std::false_type{});
     };
     if (a.inner > 1) {
-      reduce_channels<GradSums>(a, nt, [&](GradSums* partial, int64_t blocks) {
-        fill_channel_chunks(a, nt, partial, blocks, [&](int64_t c, int64_t e0, int n) {
-          M xb[kBlockElems], rb[kBlockElems], dyb[kBlockElems];
-          const M* xs = block_values(a, x, c, e0, n, xb);
-          const M* dys = block_values(a, dy, c, e0, n, dyb);
-          GradSums sums;
-          with_residual([&](auto residual) {
-            constexpr bool kResidual = decltype(residual)::value;
-            const M* rs = kResidual ? block_values(a, res, c, e0, n, rb) : nullptr;
-            sums = block_grad_sums<kResidual>(xs, rs, dys, n, k[c], invstd[c], act);
-          });
-          return sums;
-        });
-      }, out);
+      reduce_channels<GradSums>(
+          a, nt,
+          [&](GradSums* partial, int64_t blocks) {
+            fill_channel_chunks(a, nt, partial, blocks, [&](int64_t c, int64_t e0, int n) {
+              M xb[kBlockElems], rb[kBlockElems], dyb[kBlockElems];
+              const M* xs = block_values(a, x, c, e0, n, xb);
+              const M* dys = block_values(a, dy, c, e0, n, dyb);
+              GradSums sums;
+              with_residual([&](auto residual) {
+                constexpr bool kResidual = decltype(residual)::value;
+                const M* rs = kResidual ? block_values(a, res, c, e0, n, rb) : nullptr;
+                sums = block_grad_sums<kResidual>(xs, rs, dys, n, k[c], invstd[c], act);
+              });
+              return sums;
+            });
+          },
+          out);
       return;
     }
-    reduce_channels<GradSums>(a, nt, [&](GradSums* partial, int64_t blocks) {
-      fill_row_blocks(a, nt, partial, blocks, [&](GradSums* p, int64_t c0, int width, int64_t r0, int n) {
-        TileLanes<M> dz, dzx;
-        ChannelAffine<M> tile[kTile];
-        for (int c = 0; c < width; ++c) tile[c] = k[c0 + c];
-        const int64_t off = r0 * a.channels + c0;
-        with_residual([&](auto residual) {
-          constexpr bool kResidual = decltype(residual)::value;
-          rows_block_grad_sums<kResidual>(x + off, kResidual ? res + off : nullptr, dy + off, a.channels, width, n,
-                                          tile, invstd + c0, act, dz, dzx, p, blocks);
-        });
-      });
-    }, out);
+    reduce_channels<GradSums>(
+        a, nt,
+        [&](GradSums* partial, int64_t blocks) {
+          fill_row_blocks(a, nt, partial, blocks, [&](GradSums* p, int64_t c0, int width, int64_t r0, int n) {
+            TileLanes<M> dz, dzx;
+            ChannelAffine<M> tile[kTile];
+            for (int c = 0; c < width; ++c) tile[c] = k[c0 + c];
+            const int64_t off = r0 * a.channels + c0;
+            with_residual([&](auto residual) {
+              constexpr bool kResidual = decltype(residual)::value;
+              rows_block_grad_sums<kResidual>(x + off, kResidual ? res + off : nullptr, dy + off, a.channels, width, n,
+                                              tile, invstd + c0, act, dz, dzx, p, blocks);
+            });
+          });
+        },
+        out);
   });
 }
 

@@ -16,8 +16,8 @@ namespace bn_cuda {
 
 constexpr int kThreads = 256;            // threads of the elementwise and NCHW reduction kernels
 constexpr int kWarps = kThreads / 32;    // NCHW reductions: a thread block reduces kWarps consecutive blocks
-constexpr int kChannelTile = 32;         // channels-last reductions: channels of a thread block (one per lane column)
-constexpr int kMergeWidth = 256;         // partials one thread block of a merge level combines
+constexpr int kChannelTile = 32;  // channels-last reductions: channels of a thread block (one per lane column)
+constexpr int kMergeWidth = 256;  // partials one thread block of a merge level combines
 constexpr unsigned kFullMask = 0xffffffffu;
 static_assert(kLanes == 32, "a warp reduces the lanes of a block with shuffles");
 static_assert((kWarps & (kWarps - 1)) == 0 && (kMergeWidth & (kMergeWidth - 1)) == 0, "trees need powers of two");
@@ -41,8 +41,7 @@ void on_device(bool has_work, int device, uintptr_t stream, const char* what, La
 struct ReducePlan {
   int64_t per_channel, blocks, partials;
   explicit ReducePlan(const BatchNormArgs& a)
-      : per_channel(a.rows * a.inner),
-        blocks((per_channel + kBlockElems - 1) / kBlockElems),
+      : per_channel(a.rows * a.inner), blocks((per_channel + kBlockElems - 1) / kBlockElems),
         partials(a.inner > 1 ? (blocks + kWarps - 1) / kWarps : blocks) {}
   static int64_t next(int64_t n) { return (n + kMergeWidth - 1) / kMergeWidth; }
   // Partials of the workspace: the first kernel's, then the first merge level's; later levels reuse both.
@@ -76,8 +75,8 @@ template <int kWidth, class Partial> __device__ void shared_merge_tree(Partial* 
 // in ([channels][n_in]) into out ([channels][n_out]), or, on the last level (n_out == 1), stores the root.
 // Keeps one partial (16-24 bytes) per thread in flight: the levels after the first move little data.
 template <class Store> __global__ void __launch_bounds__(kMergeWidth)
-merge_kernel(BatchNormArgs a, const typename Store::Partial* in, int64_t n_in, typename Store::Partial* out,
-             int64_t n_out) {
+    merge_kernel(BatchNormArgs a, const typename Store::Partial* in, int64_t n_in, typename Store::Partial* out,
+                 int64_t n_out) {
   using Partial = typename Store::Partial;
   __shared__ Partial node[kMergeWidth];
   const int64_t c = blockIdx.x / n_out, g = blockIdx.x % n_out, j = g * kMergeWidth + threadIdx.x;
@@ -230,15 +229,15 @@ __device__ inline int run_length(int64_t total, int64_t i, int width) {
 }
 
 struct ElementwisePlan {
-  int64_t total, runs, stride;        // elements, runs of W, and S: runs between a thread's consecutive runs
-  int64_t step_pos, step_channels;    // S * W elements as ChannelWalk::jump takes them
+  int64_t total, runs, stride;  // elements, runs of W, and S: runs between a thread's consecutive runs
+  int64_t step_pos, step_channels;  // S * W elements as ChannelWalk::jump takes them
   unsigned blocks;
   ElementwisePlan(const BatchNormArgs& a, int width, int runs_per_thread) {
     total = total_elems(a);
     runs = (total + width - 1) / width;
     // Past 65535 * 8 blocks a thread loops; that is several thread blocks per SM on any GPU.
-    blocks = unsigned(std::clamp<int64_t>((runs + int64_t(kThreads) * runs_per_thread - 1) /
-                                              (int64_t(kThreads) * runs_per_thread), 1, 65535 * 8));
+    blocks = unsigned(std::clamp<int64_t>(
+        (runs + int64_t(kThreads) * runs_per_thread - 1) / (int64_t(kThreads) * runs_per_thread), 1, 65535 * 8));
     stride = int64_t(blocks) * kThreads;
     const int64_t step = stride * width;
     step_pos = step % a.inner;
@@ -264,8 +263,8 @@ void launch_reduction(const BatchNormArgs& a, cudaStream_t s, uintptr_t workspac
   int which = 0;
   for (int64_t n = plan.partials; n > 1; n = ReducePlan::next(n), which ^= 1) {
     const int64_t n_out = ReducePlan::next(n);
-    merge_kernel<Store><<<unsigned(a.channels * n_out), kMergeWidth, 0, s>>>(a, level[which], n, level[which ^ 1],
-                                                                               n_out);
+    merge_kernel<Store>
+        <<<unsigned(a.channels * n_out), kMergeWidth, 0, s>>>(a, level[which], n, level[which ^ 1], n_out);
   }
 }
 

@@ -18,8 +18,8 @@ template <typename M> struct Constants {
   __device__ Constants(const BatchNormArgs& a, M inv_count, int64_t c)
       : affine(channel_affine(ptr<const M>(a.mean), ptr<const M>(a.invstd), ptr<const M>(a.weight),
                               ptr<const M>(a.bias), c)),
-        grad(channel_grad(ptr<const M>(a.mean), ptr<const M>(a.invstd), ptr<const M>(a.weight),
-                          ptr<const M>(a.sum_dz), ptr<const M>(a.sum_dz_xhat), inv_count, c)) {}
+        grad(channel_grad(ptr<const M>(a.mean), ptr<const M>(a.invstd), ptr<const M>(a.weight), ptr<const M>(a.sum_dz),
+                          ptr<const M>(a.sum_dz_xhat), inv_count, c)) {}
 };
 
 template <typename T, ActKind kAct, bool kResidual>

@@ -36,8 +36,8 @@ __device__ GradSums nchw_block_sums(const BatchNormArgs& a, const LaneStep& step
 }
 
 template <typename T, ActKind kAct, bool kResidual>
-__global__ void __launch_bounds__(kThreads) nchw_sums_kernel(BatchNormArgs a, ReducePlan plan, LaneStep step,
-                                                              GradSums* out) {
+__global__ void __launch_bounds__(kThreads)
+    nchw_sums_kernel(BatchNormArgs a, ReducePlan plan, LaneStep step, GradSums* out) {
   nchw_reduction<SumsStore<math_t<T>>>(a, plan, out, [&](int64_t c, int64_t e0, int n) {
     return nchw_block_sums<T, kAct, kResidual>(a, step, c, e0, n);
   });
@@ -49,20 +49,19 @@ __global__ void __launch_bounds__(kThreads) nchw_sums_kernel(BatchNormArgs a, Re
 void batch_norm_backward_reduce_cuda(const BatchNormArgs& a, int device, uintptr_t stream, uintptr_t workspace) {
   using namespace bn_cuda;
   check_batch_norm_args(a, BatchNormOp::BackwardReduce);
-  on_device(a.channels > 0, device, stream, "launching the batch norm backward reduction kernels",
-            [&](cudaStream_t s) {
-              dispatch_dtype(a.dtype, [&](auto tag) {
-                using T = typename decltype(tag)::type;
-                launch_reduction<SumsStore<math_t<T>>>(a, s, workspace, [&](const ReducePlan& plan, unsigned grid,
-                                                                             GradSums* out) {
-                  if (a.inner == 1) return launch_rows_sums<T>(a, s, plan, grid, out);
-                  dispatch_sums_kernel(a, [&](auto act, auto residual) {
-                    nchw_sums_kernel<T, decltype(act)::value, decltype(residual)::value>
-                        <<<grid, kThreads, 0, s>>>(a, plan, LaneStep(a), out);
-                  });
-                });
-              });
-            });
+  on_device(a.channels > 0, device, stream, "launching the batch norm backward reduction kernels", [&](cudaStream_t s) {
+    dispatch_dtype(a.dtype, [&](auto tag) {
+      using T = typename decltype(tag)::type;
+      launch_reduction<SumsStore<math_t<T>>>(a, s, workspace,
+                                             [&](const ReducePlan& plan, unsigned grid, GradSums* out) {
+                                               if (a.inner == 1) return launch_rows_sums<T>(a, s, plan, grid, out);
+                                               dispatch_sums_kernel(a, [&](auto act, auto residual) {
+                                                 nchw_sums_kernel<T, decltype(act)::value, decltype(residual)::value>
+                                                     <<<grid, kThreads, 0, s>>>(a, plan, LaneStep(a), out);
+                                               });
+                                             });
+    });
+  });
 }
 
 }  // namespace danlu

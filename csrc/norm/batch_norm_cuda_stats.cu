@@ -63,8 +63,8 @@ __device__ Moments rows_block_stats(const BatchNormArgs& a, math_t<T> (*lanes)[k
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) nchw_stats_kernel(BatchNormArgs a, ReducePlan plan, LaneStep step,
-                                                               Moments* out) {
+__global__ void __launch_bounds__(kThreads)
+    nchw_stats_kernel(BatchNormArgs a, ReducePlan plan, LaneStep step, Moments* out) {
   nchw_reduction<StatsStore<math_t<T>>>(
       a, plan, out, [&](int64_t c, int64_t e0, int n) { return nchw_block_stats<T>(a, step, c, e0, n); });
 }
@@ -101,11 +101,11 @@ void batch_norm_stats_cuda(const BatchNormArgs& a, int device, uintptr_t stream,
   on_device(a.channels > 0, device, stream, "launching the batch norm statistics kernels", [&](cudaStream_t s) {
     dispatch_dtype(a.dtype, [&](auto tag) {
       using T = typename decltype(tag)::type;
-      launch_reduction<StatsStore<math_t<T>>>(a, s, workspace, [&](const ReducePlan& plan, unsigned grid,
-                                                                   Moments* out) {
-        if (a.inner > 1) nchw_stats_kernel<T><<<grid, kThreads, 0, s>>>(a, plan, LaneStep(a), out);
-        else rows_stats_kernel<T><<<grid, kRowThreads, 0, s>>>(a, plan, out);
-      });
+      launch_reduction<StatsStore<math_t<T>>>(
+          a, s, workspace, [&](const ReducePlan& plan, unsigned grid, Moments* out) {
+            if (a.inner > 1) nchw_stats_kernel<T><<<grid, kThreads, 0, s>>>(a, plan, LaneStep(a), out);
+            else rows_stats_kernel<T><<<grid, kRowThreads, 0, s>>>(a, plan, out);
+          });
     });
   });
 }

@@ -21,8 +21,8 @@ template <class Rule, typename T> DANLU_HD TensorPtrs<T> tensor_ptrs(const Tenso
 }
 
 template <class Rule, typename T, bool kUnscale, typename M>
-DANLU_HD void update_element(const TensorPtrs<T>& x, int64_t i, const Rule& rule,
-                             const typename Rule::Coeffs& c, M grad_scale) {
+DANLU_HD void update_element(const TensorPtrs<T>& x, int64_t i, const Rule& rule, const typename Rule::Coeffs& c,
+                             M grad_scale) {
   M p = load_as<M>(x.param + i);
   M g = load_as<M>(x.grad + i);
   if constexpr (kUnscale) {
@@ -30,12 +30,12 @@ DANLU_HD void update_element(const TensorPtrs<T>& x, int64_t i, const Rule& rule
     store_from(x.grad + i, g);
   }
   M s[kMaxStates] = {};
-DANLU_UNROLL
+  DANLU_UNROLL
   for (int k = 0; k < kMaxStates; ++k)
     if (uses_state<Rule>(k)) s[k] = load_as<M>(x.state[k] + i);
   rule.apply(p, g, s, c);
   store_from(x.param + i, p);
-DANLU_UNROLL
+  DANLU_UNROLL
   for (int k = 0; k < kMaxStates; ++k)
     if (uses_state<Rule>(k)) store_from(x.state[k] + i, s[k]);
 }
@@ -47,8 +47,6 @@ DANLU_HD void finish_tensor_step(TensorTable& tab, int64_t t, bool counts_steps)
 }
 
 // The step count a tensor's update uses: its stored float32 step plus one, as torch's `step_t += 1`.
-DANLU_HD double next_step(const TensorTable& tab, int64_t t) {
-  return double(*tab.ptr<float>(kStepRow, t) + 1.0f);
-}
+DANLU_HD double next_step(const TensorTable& tab, int64_t t) { return double(*tab.ptr<float>(kStepRow, t) + 1.0f); }
 
 }  // namespace danlu

@@ -8,8 +8,10 @@ namespace danlu {
 // One fused step over every tensor of the table, in one parallel region. num_threads as torch's.
 void optim_step_cpu(const StepArgs& args, int num_threads);
 
-#define DANLU_DECLARE_CPU_ISA(isa) \
-  namespace isa { void optim_step_cpu(const StepArgs& args, int num_threads); }
+#define DANLU_DECLARE_CPU_ISA(isa)                            \
+  namespace isa {                                             \
+  void optim_step_cpu(const StepArgs& args, int num_threads); \
+  }
 DANLU_DECLARE_CPU_ISA(generic)
 DANLU_DECLARE_CPU_ISA(avx2)
 DANLU_DECLARE_CPU_ISA(avx512)

@@ -20,7 +20,7 @@ constexpr int64_t kSplitAlign = 64;
 // the tensor pointers can change the pointers or the hyper-parameters, and vectorises the loop.
 template <class Rule, typename T, bool kUnscale>
 __attribute__((noinline)) void update_range(TensorPtrs<T> x, int64_t lo, int64_t hi, Rule rule, typename Rule::Coeffs c,
-                  math_t<T> grad_scale) {
+                                            math_t<T> grad_scale) {
 #pragma omp simd
   for (int64_t i = lo; i < hi; ++i) update_element<Rule, T, kUnscale>(x, i, rule, c, grad_scale);
 }
@@ -64,8 +64,7 @@ void optim_step_cpu(const StepArgs& a, int num_threads) {
       }
       if (a.grad_scale_ptr)
         run<Rule, T, true>(tab, rule, coeffs, M(*reinterpret_cast<const float*>(a.grad_scale_ptr)), num_threads);
-      else
-        run<Rule, T, false>(tab, rule, coeffs, M(1), num_threads);
+      else run<Rule, T, false>(tab, rule, coeffs, M(1), num_threads);
       for (int64_t t = 0; t < tab.n; ++t) finish_tensor_step(tab, t, Rule::kCountsSteps);
     });
   });

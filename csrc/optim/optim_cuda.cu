@@ -63,7 +63,8 @@ template <class Rule, typename T> struct Chunk {
     int lo = 0, hi = count;
     while (hi - lo > 1) {
       const int mid = (lo + hi) / 2;
-      if (start[mid] <= v) lo = mid; else hi = mid;
+      if (start[mid] <= v) lo = mid;
+      else hi = mid;
     }
     return lo;
   }
@@ -103,7 +104,7 @@ __global__ void __launch_bounds__(kThreads, 2) multi_tensor_step_kernel(TensorTa
 
   // Independent loads, issued together.
   const bool skip = ds.found_inf && *ds.found_inf != 0.0f;
-  const double lr = !ds.lr_ptr ? ds.lr
+  const double lr = !ds.lr_ptr        ? ds.lr
                     : ds.lr_is_double ? *static_cast<const double*>(ds.lr_ptr)
                                       : double(*static_cast<const float*>(ds.lr_ptr));
   const M grad_scale = kUnscale ? M(*ds.grad_scale) : M(1);
@@ -222,8 +223,7 @@ void optim_step_cuda(const StepArgs& a, int device, uintptr_t stream, uintptr_t 
       using Rule = std::decay_t<decltype(rule)>;
       if (a.grad_scale_ptr)
         multi_tensor_step_kernel<Rule, T, true><<<unsigned(blocks), kThreads, 0, cuda_stream>>>(tab, rule, ds);
-      else
-        multi_tensor_step_kernel<Rule, T, false><<<unsigned(blocks), kThreads, 0, cuda_stream>>>(tab, rule, ds);
+      else multi_tensor_step_kernel<Rule, T, false><<<unsigned(blocks), kThreads, 0, cuda_stream>>>(tab, rule, ds);
     });
   });
   cuda_check(cudaGetLastError(), "launching the optimizer step kernel");

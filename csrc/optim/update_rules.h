@@ -21,8 +21,7 @@ struct StepArgs {
   int dtype = 0;
   double lr = 0, beta1 = 0, beta2 = 0, eps = 0, weight_decay = 0;
   double momentum = 0, dampening = 0, alpha = 0, lr_decay = 0;
-  bool maximize = false, decoupled_weight_decay = false, amsgrad = false, nesterov = false,
-       centered = false;
+  bool maximize = false, decoupled_weight_decay = false, amsgrad = false, nesterov = false, centered = false;
   uintptr_t table = 0;  // int64 [kNumRows, num_tensors], host memory for CPU, device memory for CUDA
   int64_t num_tensors = 0, total = 0;
   // CUDA: int64 [num_blocks], the first tensor of each block's virtual range (common/multi_tensor.h).
@@ -77,12 +76,13 @@ template <typename M, bool kAmsgrad> struct AdamRule {
   Option<M> maximize, decoupled;
 
   explicit AdamRule(const StepArgs& a)
-      : beta1_(a.beta1), beta2_(a.beta2), weight_decay_(a.weight_decay),
-        towards_grad(1 - a.beta1), beta2(M(a.beta2)), one_minus_beta2(M(1 - a.beta2)),
-        eps(M(a.eps)), l2_decay(M(a.decoupled_weight_decay ? 0.0 : a.weight_decay)),
+      : beta1_(a.beta1), beta2_(a.beta2), weight_decay_(a.weight_decay), towards_grad(1 - a.beta1), beta2(M(a.beta2)),
+        one_minus_beta2(M(1 - a.beta2)), eps(M(a.eps)), l2_decay(M(a.decoupled_weight_decay ? 0.0 : a.weight_decay)),
         maximize(a.maximize), decoupled(a.decoupled_weight_decay && a.weight_decay != 0) {}
 
-  struct Coeffs { M step_size, bias_correction2_sqrt, param_decay; };
+  struct Coeffs {
+    M step_size, bias_correction2_sqrt, param_decay;
+  };
   // Scalars in double, as torch computes them in Python, then rounded to M.
   DANLU_HD Coeffs coeffs(double step, double lr, int64_t /*flags*/) const {
     double bias_correction1 = 1 - pow(beta1_, step);
@@ -108,10 +108,13 @@ template <typename M, bool kMomentum> struct SgdRule {
   Option<M> maximize, nesterov;
 
   explicit SgdRule(const StepArgs& a)
-      : weight_decay(M(a.weight_decay)), momentum(M(a.momentum)),
-        one_minus_dampening(M(1 - a.dampening)), maximize(a.maximize), nesterov(a.nesterov) {}
+      : weight_decay(M(a.weight_decay)), momentum(M(a.momentum)), one_minus_dampening(M(1 - a.dampening)),
+        maximize(a.maximize), nesterov(a.nesterov) {}
 
-  struct Coeffs { M lr; Option<M> first_step; };
+  struct Coeffs {
+    M lr;
+    Option<M> first_step;
+  };
   DANLU_HD Coeffs coeffs(double /*step*/, double lr, int64_t flags) const {
     return {M(lr), Option<M>((flags & kFirstStep) != 0)};
   }
@@ -127,17 +130,20 @@ template <typename M, bool kMomentum> struct SgdRule {
 };
 
 template <typename M, bool kMomentum, bool kCentered> struct RmspropRule {
-  static constexpr unsigned kStateMask = 0b001 | (kMomentum ? 0b010 : 0) | (kCentered ? 0b100 : 0);  // square_avg, momentum_buffer, grad_avg
+  static constexpr unsigned kStateMask =
+      0b001 | (kMomentum ? 0b010 : 0) | (kCentered ? 0b100 : 0);  // square_avg, momentum_buffer, grad_avg
   static constexpr bool kCountsSteps = true;
   M weight_decay, alpha, one_minus_alpha, eps, momentum;
   Lerp<M> towards_grad;  // grad_avg.lerp_(grad, 1 - alpha)
   Option<M> maximize;
 
   explicit RmspropRule(const StepArgs& a)
-      : weight_decay(M(a.weight_decay)), alpha(M(a.alpha)), one_minus_alpha(M(1 - a.alpha)),
-        eps(M(a.eps)), momentum(M(a.momentum)), towards_grad(1 - a.alpha), maximize(a.maximize) {}
+      : weight_decay(M(a.weight_decay)), alpha(M(a.alpha)), one_minus_alpha(M(1 - a.alpha)), eps(M(a.eps)),
+        momentum(M(a.momentum)), towards_grad(1 - a.alpha), maximize(a.maximize) {}
 
-  struct Coeffs { M lr; };
+  struct Coeffs {
+    M lr;
+  };
   DANLU_HD Coeffs coeffs(double /*step*/, double lr, int64_t /*flags*/) const { return {M(lr)}; }
   DANLU_HD void apply(M& p, M g, M (&s)[kMaxStates], const Coeffs& c) const {
     g = decayed_grad(g, p, maximize, weight_decay);
@@ -169,7 +175,9 @@ template <typename M> struct AdagradRule {
   explicit AdagradRule(const StepArgs& a)
       : lr_decay_(a.lr_decay), weight_decay(M(a.weight_decay)), eps(M(a.eps)), maximize(a.maximize) {}
 
-  struct Coeffs { M clr; };
+  struct Coeffs {
+    M clr;
+  };
   DANLU_HD Coeffs coeffs(double step, double lr, int64_t /*flags*/) const {
     return {M(lr / (1 + (step - 1) * lr_decay_))};
   }
@@ -184,15 +192,12 @@ template <typename M> struct AdagradRule {
 // Calls fn(rule) with the rule that StepArgs names, for math type M (host only).
 template <typename M, typename Fn> void dispatch_rule(const StepArgs& a, Fn&& fn) {
   switch (OptimKind(a.kind)) {
-    case OptimKind::Adam:
-      return a.amsgrad ? fn(AdamRule<M, true>(a)) : fn(AdamRule<M, false>(a));
-    case OptimKind::Sgd:
-      return a.momentum != 0 ? fn(SgdRule<M, true>(a)) : fn(SgdRule<M, false>(a));
+    case OptimKind::Adam: return a.amsgrad ? fn(AdamRule<M, true>(a)) : fn(AdamRule<M, false>(a));
+    case OptimKind::Sgd: return a.momentum != 0 ? fn(SgdRule<M, true>(a)) : fn(SgdRule<M, false>(a));
     case OptimKind::Rmsprop:
       if (a.momentum > 0) return a.centered ? fn(RmspropRule<M, true, true>(a)) : fn(RmspropRule<M, true, false>(a));
       return a.centered ? fn(RmspropRule<M, false, true>(a)) : fn(RmspropRule<M, false, false>(a));
-    case OptimKind::Adagrad:
-      return fn(AdagradRule<M>(a));
+    case OptimKind::Adagrad: return fn(AdagradRule<M>(a));
   }
   DANLU_CHECK(false, "unknown optimizer kind " << a.kind);
 }

@@ -12,7 +12,7 @@ from danlu import (
     optim,
 )
 
-__version__ = "0.1.0"
+__version__ = _C.build_info()["version"]
 
 
 def cuda_available() -> bool:
