@@ -275,16 +275,15 @@ def _speedup_chart(path: Path, family: str, rows: list[Row], meta: dict) -> Path
     lo, hi = SPEEDUP_LIMITS
     fig, ax = plt.subplots(figsize=(9, 1.6 + 0.28 * len(ours)))
     for y, row in enumerate(ours):
-        value = min(max(row.speedup, lo), hi)
+        value, q25, q75 = (min(max(v, lo), hi) for v in (row.speedup, row.speedup_q25, row.speedup_q75))
         color = "tab:gray" if row.unstable else ("tab:green" if row.speedup >= 1 else "tab:red")
-        ax.barh(y, value - 1 if value >= 1 else 1 - value, left=min(value, 1), color=color,
-                hatch="//" if row.unstable else None, edgecolor="white")
-        q25, q75 = (min(max(q, lo), hi) for q in (row.speedup_q25, row.speedup_q75))
+        ax.barh(y, abs(value - 1), left=min(value, 1), color=color, hatch="//" if row.unstable else None,
+                edgecolor="white")
         ax.errorbar(value, y, xerr=[[max(value - q25, 0)], [max(q75 - value, 0)]], fmt="none", ecolor="black",
                     capsize=2, linewidth=0.8)
         clipped = row.speedup > hi or row.speedup < lo
         text = f"{row.speedup:.2f}×" + (" (clipped)" if clipped else "") + (" !" if row.unstable else "")
-        _inside_label(ax, value, y, text, lo, hi, log=True)
+        _speedup_label(ax, y, text, row.speedup >= 1, q25, q75, lo, hi)
     ax.set_xscale("log", base=2)
     ax.set_xlim(lo, hi)
     ax.set_xticks([0.25, 0.5, 1, 2, 4, 8], ["0.25×", "0.5×", "1×", "2×", "4×", "8×"])
@@ -316,7 +315,7 @@ def _fraction_chart(path: Path, family: str, rows: list[Row], meta: dict, limits
             ys.append(k + i * bar)
             widths.append(min(row.fraction, hi))
             if row.fraction > hi:
-                _inside_label(ax, hi, k + i * bar, f"{row.fraction:.0%} (clipped)", lo, hi, log=False)
+                _inside_label(ax, hi, k + i * bar, f"{row.fraction:.0%} (clipped)", lo, hi)
         ax.barh(ys, widths, height=bar, label=impl)
     ax.set_xlim(lo, hi)
     ax.set_yticks([k + 0.4 - bar / 2 for k in range(len(keys))],
@@ -325,22 +324,31 @@ def _fraction_chart(path: Path, family: str, rows: list[Row], meta: dict, limits
     ax.set_ylim(len(keys) - 0.1, -0.2 - bar / 2)
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.axvline(ceiling, color="tab:red", linewidth=0.8, linestyle="--")
-    ax.text(ceiling, len(keys) - 0.3, f" ceiling {ceiling:g}×", color="tab:red", fontsize="x-small", va="bottom")
+    ax.text(ceiling, 0.995, f" ceiling {ceiling:g}×", color="tab:red", fontsize="x-small", va="top",
+            transform=ax.get_xaxis_transform())
     ax.set_xlabel("fraction of copy bandwidth (bytes-moved model / median time / copy GB/s)", fontsize="small")
     ax.legend(loc="lower right", fontsize="x-small", framealpha=0.9)
     ax.set_title(f"{family}: fraction of copy bandwidth\n{chart_title(meta)}", fontsize="medium")
     return _save(fig, path)
 
 
-def _inside_label(ax, x: float, y: float, text: str, lo: float, hi: float, log: bool) -> None:
-    """A value label at the end of a bar, kept inside the frame: past the end when there is room, else inside
-    the bar."""
-    span = math.log(hi / lo) if log else hi - lo
-    room = (math.log(hi / x) if log else hi - x) / span
-    if room > 0.22:
-        ax.text(x, y, " " + text, va="center", ha="left", fontsize="x-small")
+def _speedup_label(ax, y: float, text: str, above_one: bool, q25: float, q75: float, lo: float, hi: float) -> None:
+    """The value of a speedup bar, inside the frame and clear of the bar and its whisker: beyond the whisker
+    when there is room, else on the other side of the 1x line (log axis)."""
+    room_right, room_left = math.log(hi / q75) / math.log(hi / lo), math.log(q25 / lo) / math.log(hi / lo)
+    if above_one and room_right > 0.2:
+        ax.text(q75 * 1.04, y, text, va="center", ha="left", fontsize="x-small")
+    elif not above_one and room_left > 0.2:
+        ax.text(q25 / 1.04, y, text, va="center", ha="right", fontsize="x-small")
     else:
-        ax.text(x, y, text + " ", va="center", ha="right", fontsize="x-small", color="white", fontweight="bold")
+        ax.text(1 / 1.04 if above_one else 1.04, y, text, va="center", ha="right" if above_one else "left",
+                fontsize="x-small")
+
+
+def _inside_label(ax, x: float, y: float, text: str, lo: float, hi: float) -> None:
+    """A value label at the end of a bar clipped at the right edge: inside the bar, in white."""
+    ax.text(x - 0.01 * (hi - lo), y, text, va="center", ha="right", fontsize="x-small", color="white",
+            fontweight="bold")
 
 
 def _save(fig, path: Path) -> Path:

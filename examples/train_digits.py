@@ -1,7 +1,7 @@
 """Train a small CNN on real data with torch's modules and with danlu's, side by side.
 
 The data is scikit-learn's handwritten digits (``load_digits``: 1,797 images of 8x8 pixels, shipped inside
-the package, so nothing is downloaded), upsampled to 32x32. The model is a small residual CNN with
+the package, so nothing is downloaded), upsampled to 16x16. The model is a small residual CNN with
 BatchNorm + ReLU after every convolution (the residual added before the last ReLU of a block) and dropout
 before the classifier. It trains with AdamW for the first half of the epochs and SGD with Nesterov momentum
 for the second, each phase with a linear warmup and a cosine decay of the learning rate.
@@ -53,7 +53,7 @@ class ResidualBlock(nn.Module):
         return self.bn2(self.conv2(self.bn1(self.conv1(x))), x)  # relu(bn(conv(...)) + x)
 
 
-def make_model(use_danlu: bool, width: int = 32, p: float = 0.25) -> nn.Module:
+def make_model(use_danlu: bool, width: int = 16, p: float = 0.25) -> nn.Module:
     """The same network with torch's or danlu's BatchNorm+ReLU and dropout; everything else is torch's."""
     if use_danlu:
         def norm_act(c):
@@ -62,11 +62,11 @@ def make_model(use_danlu: bool, width: int = 32, p: float = 0.25) -> nn.Module:
     else:
         norm_act, dropout = TorchBatchNormReLU, nn.Dropout(p)
     return nn.Sequential(
-        nn.Conv2d(1, width, 3, padding=1, bias=False), norm_act(width),        # 32x32
+        nn.Conv2d(1, width, 3, padding=1, bias=False), norm_act(width),        # 16x16
         ResidualBlock(width, norm_act),
-        nn.Conv2d(width, 2 * width, 3, stride=2, padding=1, bias=False), norm_act(2 * width),  # 16x16
+        nn.Conv2d(width, 2 * width, 3, stride=2, padding=1, bias=False), norm_act(2 * width),  # 8x8
         ResidualBlock(2 * width, norm_act),
-        nn.Conv2d(2 * width, 4 * width, 3, stride=2, padding=1, bias=False), norm_act(4 * width),  # 8x8
+        nn.Conv2d(2 * width, 4 * width, 3, stride=2, padding=1, bias=False), norm_act(4 * width),  # 4x4
         ResidualBlock(4 * width, norm_act),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), dropout, nn.Linear(4 * width, 10))
 
@@ -74,7 +74,7 @@ def make_model(use_danlu: bool, width: int = 32, p: float = 0.25) -> nn.Module:
 # -------------------------------------------------------------------------------------------------- data
 
 
-def load_data(device: torch.device, size: int = 32, test_fraction: float = 0.2, seed: int = 0):
+def load_data(device: torch.device, size: int = 16, test_fraction: float = 0.2, seed: int = 0):
     """(train_x, train_y, test_x, test_y): digits scaled to [0, 1], upsampled to size x size, standardised
     with the training set's mean and deviation; a stratified split."""
     try:
@@ -172,16 +172,17 @@ def plot(runs: list[Run], path: Path, title: str) -> Path | None:
         print("matplotlib is not installed: no plot (pip install matplotlib)")
         return None
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for run in runs:
-        epochs = range(1, len(run.history["loss"]) + 1)
-        axes[0].plot(epochs, run.history["loss"], marker="o", label=f"{run.name} train")
-        axes[0].plot(epochs, run.history["test_loss"], marker="x", linestyle="--", label=f"{run.name} test")
-        axes[1].plot(epochs, [100 * a for a in run.history["accuracy"]], marker="o", label=run.name)
     width = 0.4
-    for i, run in enumerate(runs):
-        epochs = [e + (i - 0.5) * width for e in range(1, len(run.history["seconds"]) + 1)]
-        axes[2].bar(epochs, run.history["seconds"], width=width, label=run.name)
+    for i, (run, color) in enumerate(zip(runs, ("tab:blue", "tab:orange"))):
+        epochs = range(1, len(run.history["loss"]) + 1)
+        axes[0].plot(epochs, run.history["loss"], marker="o", color=color, label=f"{run.name} train")
+        axes[0].plot(epochs, run.history["test_loss"], marker="x", linestyle="--", color=color,
+                     label=f"{run.name} test")
+        axes[1].plot(epochs, [100 * a for a in run.history["accuracy"]], marker="o", color=color, label=run.name)
+        axes[2].bar([e + (i - 0.5) * width for e in epochs], run.history["seconds"], width=width, color=color,
+                    label=run.name)
     for ax, label in zip(axes, ("cross-entropy loss", "test accuracy (%)", "seconds per epoch")):
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
         ax.legend(fontsize="small")
@@ -221,17 +222,18 @@ def main(argv=None) -> int:
     switch = args.epochs // 2
     runs = [Run("torch", torch_model, torch.optim, steps, args.epochs, switch),
             Run("danlu", danlu_model, danlu.optim, steps, args.epochs, switch)]
-    print(f"digits: {len(data[1])} training and {len(data[3])} test images, 32x32; {device}, "
+    size = data[0].shape[-1]
+    print(f"digits: {len(data[1])} training and {len(data[3])} test images, {size}x{size}; {device}, "
           f"{torch.get_num_threads()} threads; epochs 1-{switch} AdamW, {switch + 1}-{args.epochs} SGD-Nesterov")
     for epoch in range(args.epochs):
         for run in runs if epoch % 2 == 0 else runs[::-1]:  # alternate which run goes first
             torch.manual_seed(100 + epoch)
             run.epoch(epoch, data, args.batch_size, args.max_steps)
         print(f"epoch {epoch + 1:>2}  " + "  |  ".join(run.line() for run in runs), flush=True)
-    totals = {run.name: sum(run.history["seconds"][1:] or run.history["seconds"]) for run in runs}
-    print("time per epoch after the first (medians): " + ", ".join(
-        f"{run.name} {_median(run.history['seconds'][1:] or run.history['seconds']):.2f} s" for run in runs)
-          + f"; danlu / torch total: {totals['danlu'] / totals['torch']:.2f}")
+    later = {run.name: run.history["seconds"][1:] or run.history["seconds"] for run in runs}  # past warm-up
+    print("seconds per epoch after the first, median: " + ", ".join(f"{name} {_median(s):.2f}" for name, s in
+                                                                   later.items())
+          + f"; torch's total / danlu's total: {sum(later['torch']) / sum(later['danlu']):.2f}x")
     args.out.mkdir(parents=True, exist_ok=True)
     path = plot(runs, args.out / "digits.png",
                 f"digits, {device}, {torch.get_num_threads()} threads, torch {torch.__version__}, "

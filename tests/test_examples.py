@@ -25,7 +25,7 @@ def test_train_digits_a_few_steps(tmp_path):
     for line in epochs:
         torch_part, danlu_part = line.split("|")
         assert "torch: loss" in torch_part and "danlu: loss" in danlu_part and "nan" not in line
-    assert "epochs 1-1 AdamW, 2-2 SGD-Nesterov" in result.stdout and "danlu / torch total" in result.stdout
+    assert "epochs 1-1 AdamW, 2-2 SGD-Nesterov" in result.stdout and "torch's total / danlu's total" in result.stdout
     try:
         import matplotlib  # noqa: F401
     except ImportError:
