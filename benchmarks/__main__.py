@@ -93,20 +93,21 @@ def main(argv=None) -> int:
                                 lambda line: print(line, flush=True))
     llc = last_level_cache_bytes(device)
 
-    rows, skipped, copy = [], [], {}
+    rows, skipped, copy, clocks = [], [], {}, {}
     for threads in thread_counts:
         torch.set_num_threads(threads)
         copy[threads] = copy_bandwidth(device, mode)
+        clocks[threads] = harness.stopwatch(device).name
         n_impls = sum(len(case.impls) for case in cases)
-        print(f"{threads} thread(s): copy bandwidth {copy[threads][0]:.1f} GB/s; timing {n_impls} implementations "
-              f"of {len(cases)} cases on {device} ({mode.name} mode"
-              f"{f', budget {mode.budget_s:.0f} s' if mode.budget_s else ''})", flush=True)
+        budget = f", budget {mode.budget_s:.0f} s" if mode.budget_s else ""
+        print(f"{threads} thread(s), {clocks[threads]} clock: copy bandwidth {copy[threads][0]:.1f} GB/s; timing "
+              f"{n_impls} implementations of {len(cases)} cases on {device} ({mode.name} mode{budget})", flush=True)
         with report.progress(len(cases), threads) as bar:
             thread_rows, thread_skipped = harness.run_cases(cases, device, mode, copy[threads][0], bar, llc)
         rows += thread_rows
         skipped += thread_skipped
 
-    meta = report.metadata(device, copy, mode.name, thread_counts, time.perf_counter() - started)
+    meta = report.metadata(device, copy, clocks, mode.name, thread_counts, time.perf_counter() - started)
     report.print_table(rows, skipped, meta)
     for path in report.write_results(args.out, rows, skipped, meta):
         print(f"wrote {path}")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.harness import Mode, calls_per_block, synchronizer, time_block
+from benchmarks.harness import Mode, calls_per_block, stopwatch, time_block
 
 # Bytes of each of src and dst, by (device type, mode); raised to twice the last-level cache.
 COPY_BYTES = {
@@ -41,9 +41,9 @@ def copy_bandwidth(device: torch.device, mode: Mode) -> tuple[float, int]:
         nbytes = max(nbytes, 2 * last_level_cache_bytes(device))
     src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
     dst = torch.zeros_like(src)  # written once here so page faults stay out of the timing
-    copy, sync = (lambda: dst.copy_(src)), synchronizer(device)
-    calls = calls_per_block(copy, mode.block_s, sync)
-    seconds = min(time_block(copy, calls, sync) for _ in range(7))
+    copy, watch = (lambda: dst.copy_(src)), stopwatch(device)
+    calls = calls_per_block(copy, mode.block_s, watch)
+    seconds = min(time_block(copy, calls, watch) for _ in range(7))
     return 2 * nbytes / seconds / 1e9, nbytes
 
 

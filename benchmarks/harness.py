@@ -161,31 +161,47 @@ class Skipped:
 
 # ------------------------------------------------------------------------------------------------ timing
 
-def synchronizer(device: torch.device) -> Callable[[], None]:
+@dataclass(frozen=True)
+class Stopwatch:
+    """How a block is timed: ``sync`` waits for the device (CUDA) at both ends, ``clock`` reads the time.
+
+    On the CPU at one thread the clock is the process's CPU time (``time.process_time``), which does not
+    advance while another process holds the core: a single-threaded call's CPU time is its undisturbed wall
+    time, memory stalls and page faults included. With more threads, or on CUDA, it is the wall clock: a
+    parallel region's time includes the wait for its slowest thread, and that is part of its cost."""
+
+    sync: Callable[[], None]
+    clock: Callable[[], float]
+    name: str  # "cpu" or "wall"
+
+
+def stopwatch(device: torch.device) -> Stopwatch:
     if device.type == "cuda":
-        return lambda: torch.cuda.synchronize(device)
-    return lambda: None
+        return Stopwatch(lambda: torch.cuda.synchronize(device), time.perf_counter, "wall")
+    if torch.get_num_threads() == 1:
+        return Stopwatch(lambda: None, time.process_time, "cpu")
+    return Stopwatch(lambda: None, time.perf_counter, "wall")
 
 
-def time_block(fn: Callable[[], object], calls: int, sync: Callable[[], None]) -> float:
+def time_block(fn: Callable[[], object], calls: int, watch: Stopwatch) -> float:
     """Seconds per call of ``calls`` back-to-back calls (synchronised at both ends)."""
-    sync()
-    start = time.perf_counter()
+    watch.sync()
+    start = watch.clock()
     for _ in range(calls):
         fn()
-    sync()
-    return (time.perf_counter() - start) / calls
+    watch.sync()
+    return (watch.clock() - start) / calls
 
 
-def calls_per_block(fn: Callable[[], object], block_s: float, sync: Callable[[], None]) -> int:
-    once = time_block(fn, 1, sync)
+def calls_per_block(fn: Callable[[], object], block_s: float, watch: Stopwatch) -> int:
+    once = time_block(fn, 1, watch)
     if once < block_s:  # cheap calls: the second timing is the steadier one
-        once = min(once, time_block(fn, 1, sync))
+        once = min(once, time_block(fn, 1, watch))
     return max(1, min(100_000, round(block_s / max(once, 1e-9))))
 
 
 def time_rounds(fns: dict[str, Callable[[], object]], calls: dict[str, int], min_rounds: int, max_rounds: int,
-                seconds: float, sync: Callable[[], None], peers: set[str] = frozenset(),
+                seconds: float, watch: Stopwatch, peers: set[str] = frozenset(),
                 prune_after: int = 3) -> tuple[list[dict[str, float]], dict[str, str]]:
     """Rounds of one block per implementation, in an order rotated every round. Returns the seconds per call
     of each implementation in each round, and the implementations that raised (dropped from every round).
@@ -201,7 +217,7 @@ def time_rounds(fns: dict[str, Callable[[], object]], calls: dict[str, int], min
         times = {}
         for name in names[turn:] + names[:turn]:
             try:
-                times[name] = time_block(fns[name], calls[name], sync)
+                times[name] = time_block(fns[name], calls[name], watch)
             except Exception as why:  # one broken implementation must not cost the others their results
                 failed[name] = f"{type(why).__name__}: {why}"
         if failed.keys() & set(names):
@@ -427,7 +443,7 @@ def _time_group(group: list[Impl], case: Case, device: torch.device, mode: Mode,
                 skipped: list[Skipped], threads: int, timed: _Timed) -> None:
     """Builds the group's implementations (all alive at once), times them in rounds, then asks each for its
     peak memory and profile. Everything built here is freed when this returns."""
-    sync = synchronizer(device)
+    watch = stopwatch(device)
     fns = {}
     for impl in group:
         if any(s.impl == impl.name for s in skipped):
@@ -436,10 +452,10 @@ def _time_group(group: list[Impl], case: Case, device: torch.device, mode: Mode,
         if fn is not None:
             fns[impl.name] = fn
     for name, fn in fns.items():
-        timed.calls.setdefault(name, calls_per_block(fn, mode.block_s, sync))
+        timed.calls.setdefault(name, calls_per_block(fn, mode.block_s, watch))
     tic = time.perf_counter()
     peers = {impl.name for impl in group if impl.is_peer}
-    rounds, failed = time_rounds(fns, timed.calls, min_rounds, mode.max_rounds, seconds, sync, peers,
+    rounds, failed = time_rounds(fns, timed.calls, min_rounds, mode.max_rounds, seconds, watch, peers,
                                  mode.floor_rounds)
     timed.rounds_s += time.perf_counter() - tic
     skipped += [Skipped(case.name, name, why, failed=True, threads=threads) for name, why in failed.items()]

@@ -19,6 +19,7 @@ import torch
 from benchmarks.bandwidth import last_level_cache_bytes
 from benchmarks.harness import FLAG_NOTES, FRACTION_CEILING, MODES, NoProgress, Row, Skipped
 
+CLOCKS = {"cpu": "process CPU time (a preemption does not count)", "wall": "wall time"}
 SHORT_DTYPES = {"float32": "fp32", "float64": "fp64", "float16": "fp16", "bfloat16": "bf16"}
 KERNEL_COLUMNS = ["case", "impl", "thr", "ms", "GB/s", "of copy", "×best peer", "IQR", "rounds", "flags"]
 E2E_COLUMNS = ["case", "impl", "thr", "step ms", "×best peer", "IQR", "BN+act ms", "dropout ms", "optim ms",
@@ -34,8 +35,8 @@ NOTES = ["ms: median time per call over the rounds. ×best peer: the median over
 
 # ---------------------------------------------------------------------------------------------- metadata
 
-def metadata(device: torch.device, copy: dict[int, tuple[float, int]], mode_name: str, threads: list[int],
-             seconds: float) -> dict:
+def metadata(device: torch.device, copy: dict[int, tuple[float, int]], clocks: dict[int, str], mode_name: str,
+             threads: list[int], seconds: float) -> dict:
     import danlu
 
     return {
@@ -52,6 +53,7 @@ def metadata(device: torch.device, copy: dict[int, tuple[float, int]], mode_name
         "copy_bytes": next(iter(copy.values()))[1],
         "last_level_cache_bytes": last_level_cache_bytes(device),
         "threads": threads,
+        "clocks": {str(n): clock for n, clock in clocks.items()},  # cpu: process CPU time (1 thread); wall
         "cores": _cores(),
         "load_average": _load_average(),
         "mode": mode_name,
@@ -101,12 +103,14 @@ def _commit(meta: dict) -> str:
 
 def _header_lines(meta: dict) -> list[str]:
     copy = ", ".join(f"{gbps:.1f} GB/s at {n} thread{'s' * (n != '1')}" for n, gbps in meta["copy_gbps"].items())
+    clocks = ", ".join(f"{n} thread{'s' * (n != '1')}: {CLOCKS[clock]}" for n, clock in meta["clocks"].items())
     load = f", load average {meta['load_average'][0]}" if meta.get("load_average") else ""
     return [f"{meta['device_name']} ({meta['device']}, {meta['cores']} cores{load}), {meta['date']}",
             f"commit {_commit(meta)}, torch {meta['torch']}, danlu {meta['danlu']}, mode {meta['mode']}, "
             f"{meta['seconds']:.0f} s",
             f"copy bandwidth {copy} (dst.copy_(src), {meta['copy_bytes'] >> 20} MiB each; last-level cache "
-            f"{meta['last_level_cache_bytes'] >> 20} MiB)"]
+            f"{meta['last_level_cache_bytes'] >> 20} MiB)",
+            f"clock: {clocks}"]
 
 
 def chart_title(meta: dict) -> str:

@@ -48,7 +48,7 @@ def test_json_has_metadata(smoke):
     meta = results["metadata"]
     assert meta["device"] == "cpu" and meta["device_name"]
     assert meta["torch"] == torch.__version__
-    assert meta["copy_gbps"]["1"] > 0 and meta["threads"] == [1]
+    assert meta["copy_gbps"]["1"] > 0 and meta["threads"] == [1] and meta["clocks"] == {"1": "cpu"}
     assert meta["mode"] == "smoke" and meta["quick"] is False
     assert {"danlu", "commit", "date", "seconds", "cores", "fraction_ceiling", "spread_limit"} <= meta.keys()
 
@@ -288,6 +288,7 @@ def test_two_thread_counts(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     results = json.loads((tmp_path / "results.json").read_text())
     assert set(results["metadata"]["copy_gbps"]) == {"1", "2"}
+    assert results["metadata"]["clocks"] == {"1": "cpu", "2": "wall"}
     per_thread = {n: {(r["case"], r["impl"]) for r in results["rows"] if r["threads"] == n} for n in (1, 2)}
     assert per_thread[1] == per_thread[2] and per_thread[1]
 
@@ -372,8 +373,8 @@ def test_cases_that_do_not_fit_are_timed_in_pairs_with_danlu(monkeypatch):
 def test_rounds_rotate_the_order_and_prune_the_slowest():
     calls = []
     fns = {name: (lambda name=name: calls.append(name)) for name in ("danlu", "torch-a", "torch-b")}
-    rounds, failed = harness.time_rounds(fns, dict.fromkeys(fns, 1), 4, 4, 0.0, lambda: None, {"torch-a", "torch-b"},
-                                         prune_after=10)
+    rounds, failed = harness.time_rounds(fns, dict.fromkeys(fns, 1), 4, 4, 0.0, harness.stopwatch(CPU),
+                                         {"torch-a", "torch-b"}, prune_after=10)
     assert not failed and len(rounds) == 4
     assert calls[:6] == ["danlu", "torch-a", "torch-b", "torch-a", "torch-b", "danlu"]
     median = {"danlu": 1.0, "torch-a": 2.0, "torch-b": 9.0, "torch-c": 50.0}
