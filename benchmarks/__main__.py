@@ -107,6 +107,7 @@ def main(argv=None) -> int:
         rows += thread_rows
         skipped += thread_skipped
 
+    harness.flag_stalls(rows)
     meta = report.metadata(device, copy, clocks, mode.name, thread_counts, time.perf_counter() - started)
     report.print_table(rows, skipped, meta)
     for path in report.write_results(args.out, rows, skipped, meta):

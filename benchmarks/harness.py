@@ -39,7 +39,8 @@ FAMILIES: dict[str, str] = {
     "e2e": "benchmarks.e2e",
 }
 
-REFERENCE = "danlu"  # the implementation every peer is compared with; also the anchor of paired timing
+REFERENCE = "danlu"
+STALL_FACTOR = 1.5  # the implementation every peer is compared with; also the anchor of paired timing
 # Fraction of the copy bandwidth above which a row is more than memory can deliver. On a CPU the copy
 # pays a read-for-ownership of every destination line (3 transfers for the 2 it is credited with) that
 # an in-place update does not, so in-place kernels legitimately reach 1.5-1.7x; 2x leaves room for the
@@ -145,6 +146,8 @@ FLAG_NOTES = {
                    "case does not fit the last-level cache (a timing artefact)",
     "in-cache": "above the copy-bandwidth ceiling, but the case fits the last-level cache: cache speed, not a "
                 "memory-bandwidth figure",
+    "stalled": f"with more threads over {STALL_FACTOR}x the time of the same implementation at one thread: its time "
+               "is mostly waiting (for a preempted thread at a barrier, or for a core), not work",
     "paired": "too large to keep every implementation alive at once: timed in pairs with danlu, ratios to "
               "the best peer go through danlu's times",
 }
@@ -528,3 +531,15 @@ def _rows(case: Case, timed: _Timed, copy_gbps: float, mode: Mode, device: torch
                         unstable=bool({"noisy", "above-limit"} & set(flags)), peak_mem_mib=timed.peaks.get(name),
                         extra=dict(timed.extras.get(name) or {})))
     return rows
+
+
+def flag_stalls(rows: list[Row]) -> None:
+    """Marks the rows of a multi-thread run that took longer than ``STALL_FACTOR`` times the same case and
+    implementation at one thread (when the run had one): more threads never legitimately make a call slower
+    by that much, so the time is barrier waits on a busy machine (see benchmarks/README.md, "Threads")."""
+    single = {(r.case, r.impl): r.ms for r in rows if r.threads == 1}
+    for row in rows:
+        one = single.get((row.case, row.impl))
+        if row.threads > 1 and one is not None and row.ms > STALL_FACTOR * one:
+            row.flags.append("stalled")
+            row.unstable = True

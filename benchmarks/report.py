@@ -29,7 +29,8 @@ NOTES = ["ms: median time per call over the rounds. ×best peer: the median over
          "GB/s = bytes-moved model / ms; of copy = GB/s / copy bandwidth at the same thread count.",
          "Step (end to end): BN+act, dropout and optim ms are the profiled time per step of the work danlu replaces "
          "(forward and backward) and of optimizer.step(); replaced = their share of the step's profiled op time.",
-         "A row marked ! is unstable: " + "; ".join(f"{flag}: {FLAG_NOTES[flag]}" for flag in ("noisy", "above-limit"))
+         "A row marked ! is unstable: " + "; ".join(f"{flag}: {FLAG_NOTES[flag]}" for flag in ("noisy", "above-limit",
+                                                                                            "stalled"))
          + f". in-cache: {FLAG_NOTES['in-cache']}. paired: {FLAG_NOTES['paired']}."]
 
 
@@ -104,7 +105,7 @@ def _commit(meta: dict) -> str:
 def _header_lines(meta: dict) -> list[str]:
     copy = ", ".join(f"{gbps:.1f} GB/s at {n} thread{'s' * (n != '1')}" for n, gbps in meta["copy_gbps"].items())
     clocks = ", ".join(f"{n} thread{'s' * (n != '1')}: {CLOCKS[clock]}" for n, clock in meta["clocks"].items())
-    load = f", load average {meta['load_average'][0]}" if meta.get("load_average") else ""
+    load = f", load average {meta['load_average'][0]} at the end" if meta.get("load_average") else ""
     return [f"{meta['device_name']} ({meta['device']}, {meta['cores']} cores{load}), {meta['date']}",
             f"commit {_commit(meta)}, torch {meta['torch']}, danlu {meta['danlu']}, mode {meta['mode']}, "
             f"{meta['seconds']:.0f} s",
@@ -294,8 +295,8 @@ def _speedup_chart(path: Path, family: str, rows: list[Row], meta: dict) -> Path
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.set_yticks(range(len(ours)), labels, fontsize="small")
     ax.set_ylim(len(ours) - 0.5, -0.5)
-    ax.set_xlabel("danlu's speedup over the fastest peer (median of per-round ratios; whiskers: IQR). "
-                  "Grey, hatched: unstable", fontsize="small")
+    ax.set_xlabel("danlu's speedup over the fastest peer: median of per-round ratios, whiskers IQR; "
+                  "grey: unstable", fontsize="small")
     ax.set_title(f"{family}: danlu vs the fastest peer\n{chart_title(meta)}", fontsize="medium")
     return _save(fig, path)
 

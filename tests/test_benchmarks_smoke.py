@@ -68,7 +68,7 @@ def test_rows_carry_the_interleaved_statistics(smoke):
         assert row["speedup_q25"] <= row["speedup"] <= row["speedup_q75"]
         if row["impl"] == row["best_peer"]:
             assert row["speedup"] == row["speedup_q25"] == row["speedup_q75"] == 1.0
-        assert row["unstable"] == bool({"noisy", "above-limit"} & set(row["flags"]))
+        assert row["unstable"] == bool({"noisy", "above-limit", "stalled"} & set(row["flags"]))
         assert row["attempts"] == 1 and row["peak_mem_mib"] is None  # no reruns in smoke; peak memory is CUDA only
 
 
@@ -350,6 +350,16 @@ def test_flags():
     small = harness._rows(toy_case(("danlu", "torch-a"), footprint=10**5), timed(fast), 1.0, SMOKE, CPU, 1,
                           10**6, paired=False)
     assert small[0].flags == ["in-cache"] and not small[0].unstable
+
+
+def test_multi_thread_rows_slower_than_one_thread_are_stalled():
+    def row(threads, ms):
+        return harness.Row("bn", "toy", "danlu", threads, "float32", 1, 1, ms, ms, ms, None, None, None, None, None,
+                           None, None, None, 3, 1, 1, [], False, None)
+
+    rows = [row(1, 1.0), row(2, 1.4), row(4, 8.0)]
+    harness.flag_stalls(rows)
+    assert [(r.flags, r.unstable) for r in rows] == [([], False), ([], False), (["stalled"], True)]
 
 
 def test_paired_ratios_go_through_danlu():
