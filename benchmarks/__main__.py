@@ -1,32 +1,37 @@
-"""python -m benchmarks [--device cpu|cuda] [--quick] [--only optim,batchnorm,dropout] [--out DIR]"""
+"""python -m benchmarks [--device cpu|cuda] [--quick|--smoke] [--only FAMILY,...] [--threads N,...] [--out DIR]"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
 
-from benchmarks import harness, report
-from benchmarks.bandwidth import copy_bandwidth
+from benchmarks import harness, peers, report
+from benchmarks.bandwidth import copy_bandwidth, last_level_cache_bytes
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks",
-        description="Time danlu's kernels against PyTorch's implementations and the device's copy bandwidth.")
+        description="Time danlu's kernels against PyTorch's (and other libraries') implementations and the "
+                    "device's copy bandwidth, interleaved in rounds.")
     parser.add_argument("--device", choices=("cpu", "cuda"),
                         help="where to run (default: cuda when torch and danlu can use it, else cpu)")
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true",
-                      help="smaller cases (still beyond the caches), fewer optimizers and BatchNorm cases: "
-                           "minutes, not tens")
+                      help="smaller cases (still beyond the caches), fewer of them, a time budget: under 3 minutes "
+                           "per thread count on 2 cores")
     size.add_argument("--smoke", action="store_true",
                       help="tiny cases and timings, for the test suite: the numbers mean nothing")
     parser.add_argument("--only", type=_families, default=list(harness.FAMILIES),
                         metavar="FAMILY[,FAMILY...]",
                         help=f"families to run, of {', '.join(harness.FAMILIES)} (default: all)")
+    parser.add_argument("--threads", type=_threads, default=None, metavar="N[,N...]",
+                        help="run everything at each of these thread counts (torch.set_num_threads), e.g. 1,2 "
+                             "(default: torch's current count)")
     parser.add_argument("--out", type=Path, default=Path("bench-out"),
                         help="folder for results.json, results.md and charts (default: bench-out/)")
     return parser.parse_args(argv)
@@ -40,6 +45,16 @@ def _families(text: str) -> list[str]:
             f"unknown family {', '.join(map(repr, unknown)) or '(none given)'}; "
             f"known: {', '.join(harness.FAMILIES)}")
     return list(dict.fromkeys(names))
+
+
+def _threads(text: str) -> list[int]:
+    try:
+        counts = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"expected thread counts like 1,2; got {text!r}")
+    return list(dict.fromkeys(counts))
 
 
 def _device(requested) -> tuple[torch.device | None, str]:
@@ -59,6 +74,7 @@ def _device(requested) -> tuple[torch.device | None, str]:
 
 
 def main(argv=None) -> int:
+    started = time.perf_counter()
     args = parse_args(argv)
     try:
         import danlu  # noqa: F401
@@ -69,29 +85,45 @@ def main(argv=None) -> int:
     if device is None:
         print(f"benchmarks: {why}", file=sys.stderr)
         return 1
-    families = args.only
     mode = harness.MODES["smoke" if args.smoke else "quick" if args.quick else "full"]
-    copy_gbps, copy_bytes = copy_bandwidth(device, mode)
-    meta = report.metadata(device, copy_gbps, copy_bytes, mode.name)
-    cases = [case for family in families for case in harness.family_cases(family, device, mode)]
-    n_impls = sum(len(case.impls) for case in cases)
-    print(f"copy bandwidth {copy_gbps:.1f} GB/s; timing {n_impls} implementations of {len(cases)} cases "
-          f"on {device} ({mode.name} mode, {torch.get_num_threads()} threads)", flush=True)
+    thread_counts = args.threads or [torch.get_num_threads()]
+    cases = [case for family in args.only for case in harness.family_cases(family, device, mode)]
+    if device.type == "cpu":
+        peers.prepare_deepspeed({name for case in cases for name in _deepspeed_classes(case)},
+                                lambda line: print(line, flush=True))
+    llc = last_level_cache_bytes(device)
 
-    rows, skipped = [], []
-    with report.progress(n_impls) as bar:
-        for case in cases:
-            case_rows, case_skipped = harness.run_case(case, device, mode, copy_gbps, bar)
-            rows += case_rows
-            skipped += case_skipped
+    rows, skipped, copy, clocks = [], [], {}, {}
+    for threads in thread_counts:
+        torch.set_num_threads(threads)
+        copy[threads] = copy_bandwidth(device, mode)
+        clocks[threads] = harness.stopwatch(device).name
+        n_impls = sum(len(case.impls) for case in cases)
+        budget = f", budget {mode.budget_s:.0f} s" if mode.budget_s else ""
+        print(f"{threads} thread(s), {clocks[threads]} clock: copy bandwidth {copy[threads][0]:.1f} GB/s; timing "
+              f"{n_impls} implementations of {len(cases)} cases on {device} ({mode.name} mode{budget})", flush=True)
+        with report.progress(len(cases), threads) as bar:
+            thread_rows, thread_skipped = harness.run_cases(cases, device, mode, copy[threads][0], bar, llc)
+        rows += thread_rows
+        skipped += thread_skipped
 
+    harness.flag_stalls(rows)
+    meta = report.metadata(device, copy, clocks, mode.name, thread_counts, time.perf_counter() - started)
     report.print_table(rows, skipped, meta)
     for path in report.write_results(args.out, rows, skipped, meta):
         print(f"wrote {path}")
     failed = [s for s in skipped if s.failed]
     if failed:
         print(f"benchmarks: {len(failed)} implementation(s) failed; see FAILED above.", file=sys.stderr)
+    print(f"took {time.perf_counter() - started:.0f} s", flush=True)
     return 1 if failed else 0
+
+
+def _deepspeed_classes(case: harness.Case) -> set[str]:
+    """The DeepSpeed optimizer classes a case times (its name starts with the torch optimizer's)."""
+    if not any(impl.name == "deepspeed" for impl in case.impls):
+        return set()
+    return {peers.DEEPSPEED_OPTIMIZERS[case.name.split("/")[0]]}
 
 
 if __name__ == "__main__":

@@ -7,6 +7,9 @@ Each case is one variant, one pass, one input shape, layout and dtype. Variants:
   BN+ReLU        danlu.nn.BatchNormAct2d(C, activation="relu")  torch.relu(bn(x))
   BN+add+ReLU    the same module, forward(x, residual)          torch.relu(bn(x) + residual)
 
+and, for BN+ReLU where timm is importable, ``timm``: timm.layers.BatchNormAct2d(C) (torch's batch_norm,
+then its ReLU module, in place).
+
 Passes:
 
   train   one timed statement = forward of the module (training mode) on x, then backward of a fixed
@@ -40,7 +43,7 @@ from dataclasses import dataclass
 import torch
 
 import danlu.nn
-from benchmarks import shapes
+from benchmarks import peers, shapes
 from benchmarks.harness import Case, Impl, Mode
 
 FAMILY = "batchnorm"
@@ -57,7 +60,7 @@ VARIANTS = [Variant("BN"), Variant("BN+ReLU", relu=True), Variant("BN+add+ReLU",
 PASSES = ("train", "eval")
 LAYOUTS = {"NCHW": torch.contiguous_format, "NHWC": torch.channels_last}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-IMPLS = ("danlu", "torch")
+IMPLS = ("danlu", "torch", "timm")  # timm: BN+ReLU only
 
 # Inputs of BatchNorm layers of ResNet-50 at batch 32: one per stage, and the 2048-channel output.
 RESNET50_SHAPES: list[shapes.Shape] = [(32, 64, 56, 56), (32, 128, 28, 28), (32, 256, 14, 14), (32, 512, 7, 7),
@@ -71,6 +74,15 @@ def streams_per_element(variant: Variant, training: bool) -> int:
     if training:
         return 8 + 2 * variant.residual
     return 2 + variant.residual
+
+
+def tensors_per_element(variant: Variant, training: bool) -> int:
+    """Full-size tensors one implementation holds: x, y (+ residual), and dy, dx (+ the residual's grad)."""
+    return (2 + variant.residual) * (2 if training else 1)
+
+
+def impls(variant: Variant) -> list[str]:
+    return [impl for impl in IMPLS if impl != "timm" or (variant.relu and not variant.residual)]
 
 
 def case_grid(mode: Mode) -> list[tuple[Variant, str, str, shapes.Shape, str]]:
@@ -98,8 +110,9 @@ def batch_norm_case(variant: Variant, pass_: str, dtype_name: str, shape: shapes
     name = f"{variant.label}-{pass_}/{'x'.join(map(str, shape))}/{layout}/{dtype_name}"
     return Case(family=FAMILY, name=name, dtype=dtype, numel=numel, n_tensors=1 + variant.residual,
                 bytes_moved=streams_per_element(variant, training) * numel * dtype.itemsize,
+                footprint_bytes=tensors_per_element(variant, training) * numel * dtype.itemsize,
                 impls=[Impl(impl, _builder(variant, training, impl, shape, LAYOUTS[layout], device, dtype))
-                       for impl in IMPLS])
+                       for impl in impls(variant)])
 
 
 def _builder(variant: Variant, training: bool, impl: str, shape, memory_format, device, dtype):
@@ -108,6 +121,8 @@ def _builder(variant: Variant, training: bool, impl: str, shape, memory_format, 
         if impl == "danlu":
             norm = (danlu.nn.BatchNormAct2d(channels, activation="relu", device=device) if variant.relu
                     else danlu.nn.BatchNorm2d(channels, device=device))
+        elif impl == "timm":
+            norm = peers.timm_batch_norm_act()(channels, device=device)
         else:
             norm = torch.nn.BatchNorm2d(channels, device=device)
         _set_state(norm, seed=2)
@@ -143,7 +158,7 @@ def _builder(variant: Variant, training: bool, impl: str, shape, memory_format, 
 
 
 def _forward(variant: Variant, impl: str, norm):
-    if impl == "danlu":  # BatchNormAct2d does the add and the relu in its own pass
+    if impl in ("danlu", "timm"):  # BatchNormAct2d does the add and the relu in its own pass
         return (lambda x, r: norm(x, r)) if variant.residual else (lambda x, r: norm(x))
     if variant.residual:
         return lambda x, r: torch.relu(norm(x) + r)

@@ -80,6 +80,8 @@ def _case(variant: Variant, pass_: str, dtype_name: str, dtype: torch.dtype, num
     name = f"{variant.label}-{pass_}/{numel}/{dtype_name}"
     return Case(family=FAMILY, name=name, dtype=dtype, numel=numel, n_tensors=1 + variant.residual,
                 bytes_moved=bytes_moved(variant, training, numel, dtype.itemsize),
+                # x, y (+ r), torch's mask, and dy, dx: what one implementation holds
+                footprint_bytes=(3 + variant.residual + 2 * training) * numel * dtype.itemsize,
                 impls=[Impl(impl, _builder(variant, training, impl, numel, device, dtype))
                        for impl in variant.impls])
 

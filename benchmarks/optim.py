@@ -8,6 +8,10 @@ timing, and one untimed step has already made the optimizer state. Implementatio
   torch-foreach   torch.optim.X(foreach=True): one multi-tensor kernel per op
   torch-fused     torch.optim.X(fused=True), where torch has it for X on this device
                   (torch 2.13: Adam, AdamW, SGD, Adagrad on CPU and CUDA; never RMSprop)
+  deepspeed       DeepSpeedCPUAdam (Adam: adamw_mode=False; AdamW: adamw_mode=True) and DeepSpeedCPUAdagrad,
+                  CPU only, when deepspeed is installed, with torch's default hyper-parameters; its optimizer
+                  state in the param dtype (fp32_optimizer_states=False for 16-bit params), as danlu and
+                  torch keep it, so every implementation moves the same bytes
 
 Bytes-moved model: per element, the bytes the minimal fused implementation reads plus writes, in
 units of the dtype's itemsize (the scalar step counter and hyper-parameters are ignored):
@@ -30,11 +34,12 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
 import danlu.optim
-from benchmarks import shapes
+from benchmarks import peers, shapes
 from benchmarks.harness import Case, Impl, Mode, Unavailable
 
 FAMILY = "optim"
@@ -55,6 +60,9 @@ OPTIMIZERS = [
     Optimizer("Adagrad", "Adagrad"),
 ]
 QUICK_OPTIMIZERS = ("Adam", "SGD-nesterov", "RMSprop")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# 16-bit params: every optimizer on the full run's first two sets, Adam alone with --quick and --smoke.
+BF16_OPTIMIZERS = {"full": [o.label for o in OPTIMIZERS], "quick": ["Adam"], "smoke": ["Adam"]}
 
 # Constructor flags of each implementation, on top of the optimizer's own kwargs.
 IMPLS = {
@@ -62,6 +70,7 @@ IMPLS = {
     "torch-forloop": (torch.optim, {"foreach": False, "fused": False}),
     "torch-foreach": (torch.optim, {"foreach": True}),
     "torch-fused": (torch.optim, {"fused": True}),
+    "deepspeed": (None, {}),  # where DeepSpeed has the optimizer (peers.DEEPSPEED_OPTIMIZERS)
 }
 
 
@@ -77,6 +86,11 @@ def streams_per_element(opt: Optimizer) -> int:
     if opt.cls == "Adagrad":
         return 5
     raise ValueError(f"no bytes-moved model for {opt.cls}")
+
+
+def tensors_per_element(opt: Optimizer) -> int:
+    """Full-size tensors one implementation holds: param, grad and the state (its memory footprint)."""
+    return (streams_per_element(opt) + 1) // 2
 
 
 def param_sets(device: torch.device, mode: Mode) -> dict[str, list[shapes.Shape]]:
@@ -98,21 +112,44 @@ def param_sets(device: torch.device, mode: Mode) -> dict[str, list[shapes.Shape]
     return sets
 
 
-def cases(device: torch.device, mode: Mode, dtype: torch.dtype = torch.float32) -> list[Case]:
+def cases(device: torch.device, mode: Mode) -> list[Case]:
     optimizers = [o for o in OPTIMIZERS if mode.name != "quick" or o.label in QUICK_OPTIMIZERS]
-    return [optimizer_case(opt, set_name, param_shapes, device, dtype)
-            for opt in optimizers for set_name, param_shapes in param_sets(device, mode).items()]
+    sets = param_sets(device, mode)
+    grid = [(opt, name, "fp32") for opt in optimizers for name in sets]
+    grid += [(opt, name, "bf16") for opt in OPTIMIZERS if opt.label in BF16_OPTIMIZERS[mode.name]
+             for name in list(sets)[:2]]
+    grid = [(opt, name, dtype) for opt, name, dtype in grid if _impls(opt, name, device, mode)[1:]]
+    return [optimizer_case(opt, name, sets[name], device, DTYPES[dtype], _impls(opt, name, device, mode))
+            for opt, name, dtype in grid]
+
+
+def _impls(opt: Optimizer, set_name: str, device: torch.device, mode: Mode) -> list[str]:
+    """The implementations timed on a case. --quick leaves out torch's per-tensor ones on the CPU's 800 small
+    tensors: on 2 busy cores one such step can take seconds (each tensor opens parallel regions that stall
+    whenever a thread is preempted), more than the budget of a case; an optimizer with nothing else to
+    compare with (RMSprop) then has no case there."""
+    names = [name for name in IMPLS if name != "deepspeed" or opt.cls in peers.DEEPSPEED_OPTIMIZERS]
+    if mode.name == "quick" and device.type == "cpu" and set_name == "800-small":
+        names = [name for name in names if name not in ("torch-forloop", "torch-foreach")]
+        has_fused = "fused" in inspect.signature(getattr(torch.optim, opt.cls)).parameters
+        names = [name for name in names if name != "torch-fused" or has_fused]
+    return names
 
 
 def optimizer_case(opt: Optimizer, set_name: str, param_shapes: list[shapes.Shape], device: torch.device,
-                   dtype: torch.dtype) -> Case:
+                   dtype: torch.dtype, impls: Optional[list[str]] = None) -> Case:
     numel = shapes.numel(param_shapes)
-    return Case(family=FAMILY, name=f"{opt.label}/{set_name}", dtype=dtype, numel=numel,
+    dtype_name = {v: k for k, v in DTYPES.items()}[dtype]
+    impls = [impl for impl in impls or IMPLS if impl != "deepspeed" or opt.cls in peers.DEEPSPEED_OPTIMIZERS]
+    return Case(family=FAMILY, name=f"{opt.label}/{set_name}/{dtype_name}", dtype=dtype, numel=numel,
                 n_tensors=len(param_shapes), bytes_moved=streams_per_element(opt) * numel * dtype.itemsize,
-                impls=[Impl(impl, _builder(opt, impl, param_shapes, device, dtype)) for impl in IMPLS])
+                footprint_bytes=tensors_per_element(opt) * numel * dtype.itemsize,
+                impls=[Impl(impl, _builder(opt, impl, param_shapes, device, dtype)) for impl in impls])
 
 
 def _builder(opt: Optimizer, impl: str, param_shapes, device, dtype):
+    if impl == "deepspeed":
+        return _deepspeed_builder(opt, param_shapes, device, dtype)
     module, flags = IMPLS[impl]
     cls = getattr(module, opt.cls)
     accepted = inspect.signature(cls).parameters
@@ -123,20 +160,37 @@ def _builder(opt: Optimizer, impl: str, param_shapes, device, dtype):
     flags = {k: v for k, v in flags.items() if k in accepted}  # torch's RMSprop takes no `fused`
 
     def build():
-        params = _random_tensors(param_shapes, device, dtype, seed=0)
-        for p, g in zip(params, _random_tensors(param_shapes, device, dtype, seed=1)):
-            p.requires_grad_(True)
-            p.grad = g
         try:
-            optimizer = cls(params, **opt.kwargs, **flags)
-            optimizer.step()  # makes the state, outside the timing
+            return _stepper(lambda params: cls(params, **opt.kwargs, **flags), param_shapes, device, dtype)
         except (RuntimeError, TypeError, ValueError) as why:
             if flags.get("fused"):  # torch checks fused support per device and dtype
                 raise Unavailable(f"torch.optim.{opt.cls}(fused=True): {why}") from why
             raise
-        return optimizer.step
 
     return build
+
+
+def _deepspeed_builder(opt: Optimizer, param_shapes, device, dtype):
+    def build():
+        cls = peers.deepspeed_optimizer(opt.cls, device)
+        defaults = {name: p.default for name, p in inspect.signature(getattr(torch.optim, opt.cls)).parameters.items()}
+        kwargs = {**{k: defaults[k] for k in ("lr", "eps", "weight_decay")}, **opt.kwargs}
+        if opt.cls in ("Adam", "AdamW"):
+            kwargs.update(betas=defaults["betas"], adamw_mode=opt.cls == "AdamW")
+        kwargs["fp32_optimizer_states"] = dtype == torch.float32  # state in the param dtype, as torch's
+        return _stepper(lambda params: cls(params, **kwargs), param_shapes, device, dtype)
+
+    return build
+
+
+def _stepper(make, param_shapes, device, dtype):
+    params = _random_tensors(param_shapes, device, dtype, seed=0)
+    for p, g in zip(params, _random_tensors(param_shapes, device, dtype, seed=1)):
+        p.requires_grad_(True)
+        p.grad = g
+    optimizer = make(params)
+    optimizer.step()  # makes the state, outside the timing
+    return optimizer.step
 
 
 def _random_tensors(param_shapes, device, dtype, seed):
