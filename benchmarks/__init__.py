@@ -1,5 +1,5 @@
 """danlu's benchmark harness: every kernel against PyTorch's own implementations and against the
-device's copy bandwidth, measured in the same run (DESIGN.md principle 7).
+device's copy bandwidth, measured in the same run (docs/design.md principle 7).
 
     python -m benchmarks [--device cpu|cuda] [--quick] [--only optim,batchnorm,dropout] [--out DIR]
 

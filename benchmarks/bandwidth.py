@@ -1,5 +1,5 @@
 """The device's copy bandwidth, measured in the same run as the kernels: the limit they are held to
-(DESIGN.md principle 7).
+(docs/design.md principle 7).
 
 ``dst.copy_(src)`` over buffers far larger than the last-level cache reads every byte of ``src`` once
 and writes every byte of ``dst`` once, so copy_gbps = 2 * nbytes / time (GB = 1e9 bytes), the STREAM

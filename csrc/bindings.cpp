@@ -1,4 +1,4 @@
-// The one pybind11 module: thin wrappers, no logic (DESIGN.md principle 1).
+// The one pybind11 module: thin wrappers, no logic (docs/design.md principle 1).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 

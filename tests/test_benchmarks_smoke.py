@@ -1,5 +1,5 @@
 """The benchmark harness runs end to end on the CPU in its smallest mode (``--smoke``) and writes a row per
-implementation, for every family. Timings are never asserted: a benchmark is not a test (DESIGN.md); the
+implementation, for every family. Timings are never asserted: a benchmark is not a test (docs/design.md); the
 timing engine's arithmetic (ratios, quartiles, flags, pruning, reruns, memory groups) is checked on
 made-up times.
 

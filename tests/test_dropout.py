@@ -813,7 +813,7 @@ def test_dropout_add_on_a_0d_input(bias):
 
 
 # ---------------------------------------------------------------------------------------------
-# CUDA: the same seed gives the same masks, outputs and grads as on the CPU, bit for bit (DESIGN.md principles 2
+# CUDA: the same seed gives the same masks, outputs and grads as on the CPU, bit for bit (docs/design.md principles 2
 # and 4). These cases skip without a GPU; DANLU_REQUIRE_CUDA=1 makes the skips failures.
 
 CUDA = [pytest.param("cuda", id="cuda", marks=requires_cuda)]

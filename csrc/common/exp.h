@@ -6,7 +6,7 @@
 // (it made BatchNormAct's silu ten times slower than its relu), and glibc's exp and CUDA's are
 // different functions that disagree in the last bit. These are branch-free, so the per-ISA loops
 // vectorise them, and the build contracts no FMA on either side, so every CPU variant computes the
-// bits the GPU computes (DESIGN.md principle 2). The double versions exist for the same reason: one
+// bits the GPU computes (docs/design.md principle 2). The double versions exist for the same reason: one
 // formula for every dtype, the same bits on CPU and GPU, and vectorised float64 loops.
 //
 // Error against the exact values, over every float / 10^8 random doubles: exp 0.98 / 1.03 ulp,

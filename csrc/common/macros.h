@@ -1,5 +1,5 @@
 #pragma once
-// Marks the small inline functions that the CPU loops and the CUDA kernels share (DESIGN.md principle 2).
+// Marks the small inline functions that the CPU loops and the CUDA kernels share (docs/design.md principle 2).
 #if defined(__CUDACC__)
 #define DANLU_HD __host__ __device__ __forceinline__
 #else

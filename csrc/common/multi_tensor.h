@@ -1,7 +1,8 @@
 #pragma once
 // The tensor table of one fused call: every tensor of a (param group, device, dtype) bucket.
-// Python builds it (python/danlu/optim/_table.py) and caches it, on the host for the CPU and in
-// device memory for CUDA (DESIGN.md principle 3). The tensors are laid end to end in a virtual
+// Python builds it (python/danlu/optim/_table.py), on the host for the CPU and in device memory for CUDA,
+// and writes into it the pointers it reads from the live tensors before every step that finds them moved
+// (docs/design.md principles 3 and 8). The tensors are laid end to end in a virtual
 // index space; each tensor's length there is padded to the vector width so that a vector-aligned
 // virtual index is also vector-aligned inside its tensor.
 #include <cstdint>

@@ -1,7 +1,7 @@
 #pragma once
 // Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC'11), host and device.
 // danlu keys every random draw by (seed, offset, element index) and never by thread or block, so the
-// CPU loops and every GPU produce the same numbers (DESIGN.md principle 4):
+// CPU loops and every GPU produce the same numbers (docs/design.md principle 4):
 //   key     = (seed low 32 bits, seed high 32 bits)
 //   counter = (group low, group high, offset low, offset high), group = element index / 4
 //   element index i gets word i % 4 of the block of its group.

@@ -1,5 +1,5 @@
 #pragma once
-// The per-element dropout math that the CPU loops and the CUDA kernels share (DESIGN.md principle 2).
+// The per-element dropout math that the CPU loops and the CUDA kernels share (docs/design.md principle 2).
 #include <cstdint>
 
 #include "common/macros.h"

@@ -1,5 +1,5 @@
 #pragma once
-// BatchNorm math shared by the CPU loops and the CUDA kernels (DESIGN.md principle 2): activations and their
+// BatchNorm math shared by the CPU loops and the CUDA kernels (docs/design.md principle 2): activations and their
 // derivatives, the per-element forward and backward formulas, and the statistics accumulator: the blocking of a
 // reduction, the per-block algorithm and the tree that merges blocks. The CPU and CUDA sides call these and differ
 // only in how they iterate, so the CPU tests check the numbers the GPU computes, bit for bit.

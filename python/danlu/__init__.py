@@ -20,4 +20,20 @@ def cuda_available() -> bool:
     return bool(_C.built_with_cuda) and _C.cuda_device_count() > 0
 
 
-__all__ = ["cuda_available", "functional", "nn", "optim", "__version__"]
+def config() -> dict:
+    """What this danlu is and can do here: the build (danlu._C.build_info(): version, commit, compiler, CPU
+    kernel variants, CUDA version and architectures, sanitizers), the CPU variant in use, whether CUDA kernels
+    can run and on how many GPUs, and the torch beside it."""
+    return {**_C.build_info(), "cpu_isa_in_use": _C.cpu_isa(), "cuda_available": cuda_available(),
+            "cuda_devices": _C.cuda_device_count(), "torch": torch.__version__, "torch_cuda": torch.version.cuda}
+
+
+def show_config() -> None:
+    """Prints config(), one item a line: what to paste into a bug report."""
+    for key, value in config().items():
+        if isinstance(value, list):
+            value = ", ".join(value) or "none"
+        print(f"{key:>16}: {value}")
+
+
+__all__ = ["config", "cuda_available", "functional", "nn", "optim", "show_config", "__version__"]

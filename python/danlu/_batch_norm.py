@@ -332,7 +332,11 @@ def run_batch_norm(x, running_mean, running_var, weight, bias, training, momentu
 
 def batch_norm_act(x, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
                    eps=1e-5, activation="identity", act_param=None, residual=None):
-    """act(batch_norm(x) + residual) with torch.nn.functional.batch_norm's semantics for the norm."""
+    """act(batch_norm(x) + residual) in one pass forward and one backward, with torch.nn.functional.batch_norm's
+    semantics and errors for the norm. activation: "identity" (default), "relu", "leaky_relu" (act_param: the
+    negative slope, default 0.01), "elu" (act_param: alpha, default 1.0), "silu", "sigmoid", "tanh". residual:
+    None or a tensor of x's shape, dtype and device, added before the activation (ResNet's
+    relu(bn(conv(x)) + shortcut)). The backward saves x and per-channel statistics only."""
     x, residual, momentum, eps = check_args(x, running_mean, running_var, weight, bias, training, momentum, eps,
                                             activation, residual)
     return run_batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, activation,

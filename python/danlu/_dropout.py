@@ -228,7 +228,12 @@ def _dropout(x, residual, bias, keep_prob, generator, inplace=False):
 
 
 def dropout(input, p=0.5, training=True, inplace=False, generator=None):
-    """torch.nn.functional.dropout on Philox masks: kept elements are exactly input / (1 - p)."""
+    """torch.nn.functional.dropout on counter-based masks: kept elements are exactly input / (1 - p).
+
+    The mask of element i (in memory order) is Philox4x32-10 word i % 4 of counter (i / 4) under a 63-bit key
+    drawn from `generator`, or from torch's default CPU generator whatever the input's device: the same seed gives
+    the same mask on the CPU (every ISA and thread count) and on every GPU. The backward keeps a 1-bit mask.
+    `p` may be a 0-d tensor; `generator` is danlu's addition to torch's signature."""
     p = probability(p)
     check_arguments(input, training, generator, "danlu dropout")
     if p == 0 or not training or input.numel() == 0:
@@ -245,8 +250,10 @@ def _broadcasts_to(shape, target):
 
 
 def dropout_add(x, residual, p=0.5, training=True, bias=None, generator=None):
-    """residual + dropout(x + bias) in one pass, with a fused backward. residual has x's shape; bias broadcasts
-    against x."""
+    """residual + dropout(x + bias, p) in one pass forward and one backward (torch: three ops each way): the
+    pre-norm transformer block's "add the dropped-out sublayer output to the residual stream". residual has x's
+    shape; bias broadcasts against x (a bias along the last dimension of a contiguous x is added in the kernel).
+    Masks as danlu.functional.dropout's."""
     who = "danlu dropout_add"
     p = probability(p, who)
     check_arguments(x, training, generator, who)
@@ -294,8 +301,9 @@ def feature_dropout(input, p, training, inplace, generator=None, who="danlu feat
 
 
 def drop_path(x, p=0.0, training=False, scale_by_keep=True, generator=None):
-    """Stochastic depth (timm's drop_path): whole samples (the first dimension) dropped, kept ones scaled by
-    1 / (1 - p)."""
+    """Stochastic depth with timm's semantics: whole samples (the first dimension) dropped with probability p,
+    kept ones scaled by 1 / (1 - p) when scale_by_keep; the identity outside training. One Philox draw per sample
+    (danlu.functional.dropout's keying), applied with one broadcasting multiply."""
     who = "danlu drop_path"
     p = probability(p, "drop_path")
     check_arguments(x, training, generator, who)

@@ -1,5 +1,5 @@
 """What the Python side needs to know about danlu._C: dtype codes and tensor checks done before a
-pointer crosses the boundary (DESIGN.md principle 1)."""
+pointer crosses the boundary (docs/design.md principle 1)."""
 
 import torch
 

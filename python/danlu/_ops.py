@@ -1,4 +1,4 @@
-"""danlu's BatchNorm and dropout as torch.library custom ops: what torch.compile sees of them (DESIGN.md
+"""danlu's BatchNorm and dropout as torch.library custom ops: what torch.compile sees of them (docs/design.md
 principle 6).
 
 batch_norm_act and the dropout functions call these only while torch.compile traces; eager calls go straight

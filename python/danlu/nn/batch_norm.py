@@ -40,15 +40,45 @@ class _DanluBatchNorm:
 
 
 class BatchNorm1d(_DanluBatchNorm, torch.nn.BatchNorm1d):
-    pass
+    """A drop-in ``torch.nn.BatchNorm1d`` on danlu's kernels: the same constructor, buffers, state_dict and
+    train/eval semantics (``isinstance(m, torch.nn.BatchNorm1d)`` holds; checkpoints load both ways).
+
+    What differs: ``forward(input, residual=None)`` can add a residual after the normalisation in the same pass
+    (BatchNormAct1d adds an activation); statistics are blocked and merged in a fixed tree in float64, so
+    they are as accurate as float64 math up to huge counts and bitwise the same for every run, thread count,
+    CPU ISA and (for the batch statistics) on CUDA; the backward keeps only the input and per-channel
+    statistics; every argument is checked before ``num_batches_tracked`` counts the batch, so a call that raises
+    changes nothing (torch counts first). NCHW and channels_last inputs are read in place; 16-bit inputs take
+    float32 or same-dtype parameters, as torch's.
+    """
 
 
 class BatchNorm2d(_DanluBatchNorm, torch.nn.BatchNorm2d):
-    pass
+    """A drop-in ``torch.nn.BatchNorm2d`` on danlu's kernels: the same constructor, buffers, state_dict and
+    train/eval semantics (``isinstance(m, torch.nn.BatchNorm2d)`` holds; checkpoints load both ways).
+
+    What differs: ``forward(input, residual=None)`` can add a residual after the normalisation in the same pass
+    (BatchNormAct2d adds an activation); statistics are blocked and merged in a fixed tree in float64, so
+    they are as accurate as float64 math up to huge counts and bitwise the same for every run, thread count,
+    CPU ISA and (for the batch statistics) on CUDA; the backward keeps only the input and per-channel
+    statistics; every argument is checked before ``num_batches_tracked`` counts the batch, so a call that raises
+    changes nothing (torch counts first). NCHW and channels_last inputs are read in place; 16-bit inputs take
+    float32 or same-dtype parameters, as torch's.
+    """
 
 
 class BatchNorm3d(_DanluBatchNorm, torch.nn.BatchNorm3d):
-    pass
+    """A drop-in ``torch.nn.BatchNorm3d`` on danlu's kernels: the same constructor, buffers, state_dict and
+    train/eval semantics (``isinstance(m, torch.nn.BatchNorm3d)`` holds; checkpoints load both ways).
+
+    What differs: ``forward(input, residual=None)`` can add a residual after the normalisation in the same pass
+    (BatchNormAct3d adds an activation); statistics are blocked and merged in a fixed tree in float64, so
+    they are as accurate as float64 math up to huge counts and bitwise the same for every run, thread count,
+    CPU ISA and (for the batch statistics) on CUDA; the backward keeps only the input and per-channel
+    statistics; every argument is checked before ``num_batches_tracked`` counts the batch, so a call that raises
+    changes nothing (torch counts first). NCHW and channels_last inputs are read in place; 16-bit inputs take
+    float32 or same-dtype parameters, as torch's.
+    """
 
 
 class _Act:
@@ -71,12 +101,33 @@ class _Act:
 
 
 class BatchNormAct1d(_Act, BatchNorm1d):
-    pass
+    """``act(BatchNorm1d(x) + residual)`` in one pass forward and one backward: ``forward(x, residual=None)``.
+
+    The constructor is BatchNorm1d's plus ``activation`` ("relu" by default; "leaky_relu" with
+    ``negative_slope``, "elu" with ``alpha``, "silu", "sigmoid", "tanh", "identity"). The state_dict is
+    BatchNorm1d's, so a BatchNorm checkpoint loads. The backward recomputes the pre-activation from the input
+    and the per-channel statistics: no output, mask or pre-activation is saved. exp-based activations use
+    danlu's own exp (within 2.5 ulp, the same bits on CPU and GPU), not libm's.
+    """
 
 
 class BatchNormAct2d(_Act, BatchNorm2d):
-    pass
+    """``act(BatchNorm2d(x) + residual)`` in one pass forward and one backward: ``forward(x, residual=None)``.
+
+    The constructor is BatchNorm2d's plus ``activation`` ("relu" by default; "leaky_relu" with
+    ``negative_slope``, "elu" with ``alpha``, "silu", "sigmoid", "tanh", "identity"). The state_dict is
+    BatchNorm2d's, so a BatchNorm checkpoint loads. The backward recomputes the pre-activation from the input
+    and the per-channel statistics: no output, mask or pre-activation is saved. exp-based activations use
+    danlu's own exp (within 2.5 ulp, the same bits on CPU and GPU), not libm's.
+    """
 
 
 class BatchNormAct3d(_Act, BatchNorm3d):
-    pass
+    """``act(BatchNorm3d(x) + residual)`` in one pass forward and one backward: ``forward(x, residual=None)``.
+
+    The constructor is BatchNorm3d's plus ``activation`` ("relu" by default; "leaky_relu" with
+    ``negative_slope``, "elu" with ``alpha``, "silu", "sigmoid", "tanh", "identity"). The state_dict is
+    BatchNorm3d's, so a BatchNorm checkpoint loads. The backward recomputes the pre-activation from the input
+    and the per-channel statistics: no output, mask or pre-activation is saved. exp-based activations use
+    danlu's own exp (within 2.5 ulp, the same bits on CPU and GPU), not libm's.
+    """

@@ -7,22 +7,42 @@ from danlu import _dropout
 from danlu._dropout import probability
 
 
+def _doc(torch_name: str, what: str) -> str:
+    """The docstring of a dropout module: what it drops, then what differs from torch's class."""
+    return f"""A drop-in ``torch.nn.{torch_name}`` (same constructor, attributes and checks) on counter-based masks.
+    {what} are dropped with probability ``p``; kept ones are exactly ``x / (1 - p)`` (one rounding).
+
+    What differs: masks come from Philox4x32-10 keyed by (seed, element index), the seed drawn from torch's default
+    CPU generator, so ``torch.manual_seed`` reproduces a run and gives the same mask on the CPU (every ISA and
+    thread count) and on every GPU; the backward keeps a 1-bit mask (numel / 8 bytes); ``p`` may be a 0-d tensor.
+    For a generator of your own or a fused residual add, use ``danlu.functional.dropout`` / ``dropout_add``.
+    """
+
+
 class Dropout(torch.nn.Dropout):
+    __doc__ = _doc("Dropout", "Elements")
+
     def forward(self, input):
         return _dropout.dropout(input, self.p, self.training, self.inplace)
 
 
 class Dropout1d(torch.nn.Dropout1d):
+    __doc__ = _doc("Dropout1d", "Whole channels of (N, C, L) or (C, L) inputs")
+
     def forward(self, input):
         return _dropout.dropout1d(input, self.p, self.training, self.inplace)
 
 
 class Dropout2d(torch.nn.Dropout2d):
+    __doc__ = _doc("Dropout2d", "Whole channels of (N, C, H, W) inputs (3-D ones read as (N, C, L), as torch does)")
+
     def forward(self, input):
         return _dropout.dropout2d(input, self.p, self.training, self.inplace)
 
 
 class Dropout3d(torch.nn.Dropout3d):
+    __doc__ = _doc("Dropout3d", "Whole channels of (N, C, D, H, W) or (C, D, H, W) inputs")
+
     def forward(self, input):
         return _dropout.dropout3d(input, self.p, self.training, self.inplace)
 

@@ -1,5 +1,5 @@
 """The machinery every danlu optimizer shares: validation, lazy state, tensor tables, and one native call per
-(param group, device, dtype) bucket (DESIGN.md principle 3).
+(param group, device, dtype) bucket (docs/design.md principle 3).
 
 A step runs in three phases, so that a step that raises changes nothing (principle 8):
 1. read and check: every group's hyper-parameters, and every tensor the kernels will touch, read from the live
